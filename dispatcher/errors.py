@@ -1,0 +1,33 @@
+"""One error root for everything the dispatcher raises on purpose.
+
+Leaves also inherit the stdlib class a caller would naturally catch (`ValueError` for bad
+input), so `except ValueError` around `enqueue_email()` does what users expect.
+"""
+
+
+class DispatcherError(Exception):
+    """Raised for any failure the dispatcher reports on purpose."""
+
+
+class SettingsError(DispatcherError, ValueError):
+    """Raised when a settings file or override is missing, malformed or names an unknown key."""
+
+
+class InvalidRequest(DispatcherError, ValueError):
+    """Raised when a request can never be sent: bad address, header, priority or context."""
+
+
+class RequestTooLarge(InvalidRequest):
+    """Raised when an encoded request exceeds the wire protocol's size limit."""
+
+
+class TemplateError(DispatcherError):
+    """Raised when a template is missing, does not compile or fails to render.
+
+    `location` is `file:line` when Jinja could tell where the error is, so the message reads
+    like a compiler error and points at the template a developer has to fix.
+    """
+
+    def __init__(self, message: str, location: str | None = None) -> None:
+        super().__init__(f"{location}: {message}" if location else message)
+        self.location = location

@@ -1,0 +1,275 @@
+"""Wire protocol v1: one ZeroMQ frame holding one UTF-8 JSON object per request.
+
+The same `validate()` runs in the client (so a bad call raises at once, in the caller's stack)
+and in the daemon (so a foreign sender's frame gets the same rules). See docs/protocol.md.
+"""
+
+import base64
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from dispatcher.address import Address, check_header_text, parse_address
+from dispatcher.errors import InvalidRequest, RequestTooLarge
+
+VERSION = 1
+# The daemon's socket refuses frames above twice this (ZMQ_MAXMSGSIZE), so a frame between the
+# two limits still reaches the daemon and is recorded as rejected with its size.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
+# Headers the dispatcher writes itself; a request may not set or duplicate them.
+RESERVED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "From", "To", "Cc", "Bcc", "Reply-To", "Sender", "Subject", "Date", "Message-ID",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Return-Path", "Received",
+    )
+)  # fmt: skip
+FIELDS = frozenset(
+    {"v", "id", "client", "template", "to", "context", "cc", "bcc", "reply_to", "sender",
+     "headers", "attachments", "send_at", "priority", "idempotency_key", "locale"}
+)  # fmt: skip
+ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file sent with the message; on the wire its content is base64 in `data`."""
+
+    filename: str
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated request, as the daemon stores and renders it."""
+
+    id: str
+    template: str
+    to: tuple[Address, ...]
+    context: dict[str, Any]
+    cc: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+    reply_to: tuple[Address, ...] = ()
+    sender: Address | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    attachments: tuple[Attachment, ...] = ()
+    send_at: datetime | None = None
+    priority: str = "normal"
+    idempotency_key: str | None = None
+    locale: str | None = None
+    client: str | None = None
+
+    @property
+    def recipients(self) -> list[str]:
+        """The SMTP envelope: every To, Cc and Bcc address, each once."""
+        seen = dict.fromkeys(a.addr_spec for a in (*self.to, *self.cc, *self.bcc))
+        return list(seen)
+
+
+def new_id() -> str:
+    """A fresh request id: random, so clients never need to coordinate."""
+    return uuid.uuid4().hex
+
+
+def _default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def encode(fields: Mapping[str, Any]) -> bytes:
+    """Encode a request's fields into one frame; datetime, date, Decimal and UUID become strings."""
+    try:
+        frame = orjson.dumps(fields, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise InvalidRequest(f"context: cannot be encoded as JSON: {exc}") from None
+    if len(frame) > MAX_FRAME_BYTES:
+        raise RequestTooLarge(
+            f"request is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES} bytes"
+        )
+    return frame
+
+
+def decode(frame: bytes) -> Request:
+    """Parse and validate one frame from the socket; every failure is an `InvalidRequest`."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise RequestTooLarge(f"frame is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES}")
+    try:
+        fields = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"not a JSON object: {exc}") from None
+    return validate(fields)
+
+
+def validate(fields: object) -> Request:
+    """Check every field of a decoded request and build the `Request` the daemon works with."""
+    if not isinstance(fields, dict):
+        raise InvalidRequest(f"expected a JSON object, got {type(fields).__name__}")
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}")
+    if fields.get("v") != VERSION:
+        raise InvalidRequest(f"v: unsupported protocol version {fields.get('v')!r}, expected 1")
+    lists = {name: _addresses(fields.get(name), name) for name in ADDRESS_LIST_FIELDS}
+    if not lists["to"]:
+        raise InvalidRequest("to: at least one recipient is required")
+    return Request(
+        id=_optional_str(fields, "id", REQUEST_ID) or new_id(),
+        template=_template(fields.get("template")),
+        context=_context(fields.get("context")),
+        sender=None if fields.get("sender") is None else parse_address(fields["sender"], "sender"),
+        headers=_headers(fields.get("headers")),
+        attachments=_attachments(fields.get("attachments")),
+        send_at=_send_at(fields.get("send_at")),
+        priority=_priority(fields.get("priority", "normal")),
+        idempotency_key=_optional_str(fields, "idempotency_key"),
+        locale=_optional_str(fields, "locale", re.compile(r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")),
+        client=_optional_str(fields, "client", REQUEST_ID),
+        **lists,
+    )
+
+
+def to_fields(request: Request) -> dict[str, Any]:
+    """The wire form of a validated request: what the spool stores and `decode` reads back."""
+    fields: dict[str, Any] = {"v": VERSION, "id": request.id, "template": request.template}
+    for name in ADDRESS_LIST_FIELDS:
+        addresses = getattr(request, name)
+        if addresses or name == "to":
+            fields[name] = [str(a) for a in addresses]
+    fields["context"] = request.context
+    optional = {
+        "sender": str(request.sender) if request.sender else None,
+        "headers": request.headers or None,
+        "attachments": [attachment_fields(a) for a in request.attachments] or None,
+        "send_at": request.send_at.isoformat() if request.send_at else None,
+        "priority": request.priority if request.priority != "normal" else None,
+        "idempotency_key": request.idempotency_key,
+        "locale": request.locale,
+        "client": request.client,
+    }
+    fields.update((k, v) for k, v in optional.items() if v is not None)
+    return fields
+
+
+def attachment_fields(attachment: Attachment) -> dict[str, str]:
+    """An attachment in wire form."""
+    return {
+        "filename": attachment.filename,
+        "content_type": attachment.content_type,
+        "data": base64.b64encode(attachment.content).decode("ascii"),
+    }
+
+
+def _template(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest("template: a template name (string) is required")
+    if not TEMPLATE_NAME.match(value):
+        raise InvalidRequest(
+            f"template: {value!r} is not a template name (letters, digits, '_' and '-' only)"
+        )
+    return value
+
+
+def _addresses(value: object, name: str) -> tuple[Address, ...]:
+    if value is None:
+        return ()
+    items: Iterable[object] = [value] if isinstance(value, str) else value  # type: ignore[assignment]
+    if not isinstance(items, list):
+        raise InvalidRequest(f"{name}: expected an address or a list of addresses")
+    return tuple(parse_address(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+
+def _context(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"context: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _headers(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("headers: expected an object of header names to values")
+    for name, text in value.items():
+        if not HEADER_NAME.match(name):
+            raise InvalidRequest(f"headers: {name!r} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise InvalidRequest(f"headers: {name} is set by the dispatcher, not by requests")
+        if not isinstance(text, str):
+            raise InvalidRequest(f"headers.{name}: expected a string")
+        check_header_text(text, f"headers.{name}")
+        if len(text) > 900:
+            raise InvalidRequest(f"headers.{name}: longer than 900 characters")
+    return value
+
+
+def _attachments(value: object) -> tuple[Attachment, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest("attachments: expected a list")
+    result = []
+    for i, item in enumerate(value):
+        where = f"attachments[{i}]"
+        if not isinstance(item, dict) or not {"filename", "data"} <= set(item):
+            raise InvalidRequest(f"{where}: expected an object with 'filename' and 'data'")
+        filename, content_type = item["filename"], item.get("content_type", "application/octet-stream")
+        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
+            raise InvalidRequest(f"{where}.filename: expected a plain file name")
+        check_header_text(filename, f"{where}.filename")
+        if not isinstance(content_type, str) or not re.match(r"^[\w.+-]+/[\w.+-]+$", content_type):
+            raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
+        try:
+            content = base64.b64decode(item["data"], validate=True)
+        except (ValueError, TypeError):
+            raise InvalidRequest(f"{where}.data: expected base64") from None
+        result.append(Attachment(filename, content_type, content))
+    return tuple(result)
+
+
+def _send_at(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return moment
+    raise InvalidRequest(f"send_at: expected an ISO 8601 time with a UTC offset, got {value!r}")
+
+
+def _priority(value: object) -> str:
+    if value not in PRIORITIES:
+        raise InvalidRequest(f"priority: {value!r} is not one of high, normal, low")
+    return str(value)
+
+
+def _optional_str(fields: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or (pattern and not pattern.match(value)) or len(value) > 200:
+        raise InvalidRequest(f"{name}: {value!r} is not valid")
+    return value
+
+
+def is_aware(moment: date | datetime) -> bool:
+    """True for a datetime that names an instant (has a UTC offset)."""
+    return isinstance(moment, datetime) and moment.utcoffset() is not None
