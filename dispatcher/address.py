@@ -12,6 +12,7 @@ from dispatcher.errors import InvalidRequest
 
 _NAME_AND_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
 # C0 controls, DEL and C1 controls: nothing a header value may carry.
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -25,7 +26,8 @@ class Address:
     def __str__(self) -> str:
         if not self.display_name:
             return self.addr_spec
-        return f"{self.display_name} <{self.addr_spec}>"
+        name = self.display_name
+        return f'"{name}" <{self.addr_spec}>' if _SPECIALS.search(name) else f"{name} <{self.addr_spec}>"
 
 
 def check_header_text(value: str, what: str) -> None:
@@ -50,8 +52,11 @@ def parse_address(text: object, what: str) -> Address:
     name = name.strip()
     if len(name) >= 2 and name[0] == name[-1] == '"':
         name = name[1:-1]
-    if '"' in name or "\\" in name:
-        raise InvalidRequest(f"{what}: quotes or backslashes inside a display name: {text!r}")
+        if '"' in name or "\\" in name:
+            raise InvalidRequest(f"{what}: quotes or backslashes inside a display name: {text!r}")
+    elif _SPECIALS.search(name):
+        # "Doe, John <j@x>" is two addresses to a mail client; make the caller quote it.
+        raise InvalidRequest(f"{what}: quote a display name with special characters: {text!r}")
     return Address(name, _validate_addr_spec(addr, what))
 
 

@@ -1,0 +1,23 @@
+"""dispatcher: transactional email that never slows a request and is never silently lost."""
+
+from dispatcher.client import configure, enqueue_email, flush
+from dispatcher.errors import (
+    DispatcherError,
+    InvalidRequest,
+    RequestTooLarge,
+    SettingsError,
+    TemplateError,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DispatcherError",
+    "InvalidRequest",
+    "RequestTooLarge",
+    "SettingsError",
+    "TemplateError",
+    "__version__",
+    "configure",
+    "enqueue_email",
+    "flush",
+]

@@ -1,0 +1,334 @@
+"""Templates to bytes: Jinja renders the parts, the stdlib email package builds the message.
+
+A template is a folder under the templates directory: `subject.txt`, `body.html` and/or
+`body.txt`, and an optional `preview.yaml` of sample contexts. Every failure a template author can
+cause comes out as one `TemplateError` that names `file:line`, so `dispatcher check`, the preview
+UI and a dead message's reason all read like a compiler error.
+
+The message is built only through `EmailMessage` and `headerregistry.Address` (never by joining
+strings), then its header block is parsed back and compared with what we wrote: Python 3.11.7 has
+CVE-2024-6923, where an encoded word in a header value can turn into a real header line.
+"""
+
+import email.errors
+import email.policy
+import email.utils
+import os
+import re
+import textwrap
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import jinja2
+import yaml
+
+from dispatcher.address import Address, check_header_text, parse_address
+from dispatcher.errors import InvalidRequest, TemplateError
+from dispatcher.wire import TEMPLATE_NAME, Request
+
+# Every part is 7-bit clean (quoted-printable or base64 when needed), so delivery never depends on
+# the relay announcing 8BITMIME; otherwise this is the SMTP policy (CRLF, RFC 2047 headers).
+POLICY = email.policy.SMTP.clone(cte_type="7bit")
+BODY_FILES = ("body.html", "body.txt")
+# inscriptis writes links as `[text](url)`; mail readers expect `text (url)`.
+_MARKDOWN_LINK = re.compile(r"\[([^\[\]]*)\]\(([^()\s]*)\)")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# A request id may hold ':', which is not atext and makes Python cut the Message-ID short.
+_NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What a template renders to, before any MIME: also what the preview UI shows."""
+
+    subject: str  # one line, not HTML-escaped
+    html: str | None  # None when the template has no body.html
+    text: str  # body.txt rendered, or derived from the HTML when body.txt is missing
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    """A message ready for SMTP: the same bytes and Message-ID on every retry."""
+
+    message_id: str
+    envelope_from: str
+    recipients: tuple[str, ...]
+    subject: str
+    data: bytes
+
+
+class Renderer:
+    """Renders named templates from one folder and builds RFC 5322 messages from requests.
+
+    Compiled templates stay in Jinja's in-memory cache; with `auto_reload=False` (the daemon) a
+    cached template costs no file-system access, with `auto_reload=True` (preview, dev) edits show
+    up on the next render.
+    """
+
+    def __init__(self, templates_dir: Path, mail_from: str, *, auto_reload: bool = False) -> None:
+        self.templates_dir = Path(templates_dir).resolve()
+        self.mail_from: Address = parse_address(mail_from, "mail.from")
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(self.templates_dir),
+            undefined=jinja2.StrictUndefined,
+            # Only file names decide: a subject (.txt) must never come out as `A &amp; B`.
+            autoescape=jinja2.select_autoescape(
+                enabled_extensions=("html", "htm", "xml"), default_for_string=False, default=False
+            ),
+            auto_reload=auto_reload,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._known: frozenset[str] = frozenset()
+
+    def template_names(self) -> list[str]:
+        """Folders holding a body; `_layouts` and hidden folders are not templates."""
+        return sorted(self._scan())
+
+    def has_template(self, name: str) -> bool:
+        """Called for every request at intake: a set lookup, and a re-scan only on a miss."""
+        if name in self._known:
+            return True
+        return bool(TEMPLATE_NAME.match(name)) and name in self._scan()
+
+    def render_parts(self, name: str, context: dict[str, Any]) -> Parts:
+        """Render subject, HTML and text; the text is derived from the HTML without body.txt."""
+        folder = self._folder(name)
+        subject_file = f"{name}/subject.txt"
+        subject = " ".join(self._render(subject_file, context).split())
+        where = self._where(str(folder / "subject.txt"), None)
+        if not subject:
+            raise TemplateError("subject is empty", where)
+        try:
+            check_header_text(subject, "subject")
+        except InvalidRequest as exc:
+            raise TemplateError(str(exc), where) from None
+        html = None
+        if (folder / "body.html").is_file():
+            html = self._render(f"{name}/body.html", context)
+        if (folder / "body.txt").is_file():
+            text = self._render(f"{name}/body.txt", context)
+        elif html is not None:
+            text = html_to_text(html)
+        else:  # the folder lost its bodies since the last scan
+            raise TemplateError(f"unknown template {name!r}")
+        return Parts(subject=subject, html=html, text=text)
+
+    def render(self, request: Request, now: datetime | None = None) -> RenderedMessage:
+        """Render the request's template and build the full message for SMTP DATA."""
+        parts = self.render_parts(request.template, request.context)
+        sender = request.sender or self.mail_from
+        envelope_from = _ascii_addr_spec(sender.addr_spec)
+        left = _NOT_ATEXT.sub(lambda m: f"={ord(m[0]):02X}", request.id)
+        message_id = f"<{left}@{envelope_from.rpartition('@')[2]}>"
+        moment = now or datetime.now(UTC)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        try:
+            msg = self._build(request, parts, sender, message_id, moment)
+            data = msg.as_bytes(policy=POLICY)
+        except (ValueError, TypeError, email.errors.MessageError) as exc:
+            raise TemplateError(f"cannot build the message: {exc}") from exc
+        _check_headers(msg, data, message_id)
+        recipients = dict.fromkeys(_ascii_addr_spec(a) for a in request.recipients)
+        return RenderedMessage(message_id, envelope_from, tuple(recipients), parts.subject, data)
+
+    def samples(self, name: str) -> dict[str, dict[str, Any]]:
+        """The named sample contexts of `preview.yaml`, for preview, `check` and tests."""
+        path = self._folder(name) / "preview.yaml"
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except yaml.YAMLError as exc:
+            mark = exc.problem_mark if isinstance(exc, yaml.MarkedYAMLError) else None
+            line = mark.line + 1 if mark is not None else None
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise TemplateError(f"invalid YAML: {problem}", self._where(str(path), line)) from None
+        if loaded is None:
+            return {}
+        if not _is_mapping_of_mappings(loaded):
+            raise TemplateError(
+                "expected a mapping of sample names to contexts, e.g. {default: {name: Ada}}",
+                self._where(str(path), None),
+            )
+        return loaded
+
+    def _scan(self) -> frozenset[str]:
+        try:
+            entries = list(os.scandir(self.templates_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        self._known = frozenset(
+            entry.name
+            for entry in entries
+            if TEMPLATE_NAME.match(entry.name)
+            and entry.is_dir()
+            and any(os.path.isfile(os.path.join(entry.path, body)) for body in BODY_FILES)
+        )
+        return self._known
+
+    def _folder(self, name: str) -> Path:
+        # TEMPLATE_NAME has no '/', '.' or '..', so the folder cannot be outside templates_dir.
+        if not self.has_template(name):
+            raise TemplateError(f"unknown template {name!r}")
+        return self.templates_dir / name
+
+    def _render(self, template: str, context: dict[str, Any]) -> str:
+        """Render one file; whatever goes wrong becomes a TemplateError pointing at file:line."""
+        try:
+            return self._env.get_template(template).render(context)
+        except jinja2.TemplateSyntaxError as exc:
+            where = self._where(exc.filename or exc.name, exc.lineno)
+            raise TemplateError(exc.message or "syntax error", where) from exc
+        except jinja2.TemplateNotFound as exc:
+            if exc.name == template:
+                where = self._where(str(self.templates_dir / template), None)
+                raise TemplateError(f"missing template file {template!r}", where) from exc
+            raise TemplateError(f"template not found: {exc.name}", self._traced(exc)) from exc
+        except jinja2.TemplateError as exc:
+            raise TemplateError(str(exc), self._traced(exc)) from exc
+        except Exception as exc:  # a filter or a context object failed: still the template's
+            raise TemplateError(f"{type(exc).__name__}: {exc}", self._traced(exc)) from exc
+
+    def _traced(self, exc: BaseException) -> str | None:
+        """Where a runtime error happened: the innermost traceback frame that is a template.
+
+        Jinja rewrites tracebacks so that template frames carry the template's file name and the
+        template's line number, which is exactly the location a template author needs.
+        """
+        prefix = str(self.templates_dir) + os.sep
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(prefix):
+                found = self._where(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+            tb = tb.tb_next
+        return found
+
+    def _where(self, filename: str | None, line: int | None) -> str | None:
+        """`templates/welcome/body.html:3`: relative to the templates folder's parent."""
+        if not filename:
+            return None
+        try:
+            shown = Path(filename).relative_to(self.templates_dir.parent).as_posix()
+        except ValueError:
+            shown = filename
+        return f"{shown}:{line}" if line else shown
+
+    def _build(
+        self,
+        request: Request,
+        parts: Parts,
+        sender: Address,
+        message_id: str,
+        moment: datetime,
+    ) -> EmailMessage:
+        msg = EmailMessage(policy=POLICY)
+        msg["From"] = _header_address(sender)
+        msg["To"] = [_header_address(a) for a in request.to]
+        if request.cc:
+            msg["Cc"] = [_header_address(a) for a in request.cc]
+        if request.reply_to:
+            msg["Reply-To"] = [_header_address(a) for a in request.reply_to]
+        # No Bcc header, ever: Bcc recipients exist only in the SMTP envelope.
+        msg["Subject"] = parts.subject
+        msg["Date"] = email.utils.format_datetime(moment)
+        msg["Message-ID"] = message_id
+        msg["MIME-Version"] = "1.0"
+        for name, value in request.headers.items():
+            msg[name] = value
+        msg.set_content(parts.text)
+        if parts.html is not None:
+            msg.add_alternative(parts.html, subtype="html")
+        for attachment in request.attachments:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            msg.add_attachment(
+                attachment.content,
+                maintype=maintype,
+                subtype=subtype or "octet-stream",
+                filename=attachment.filename,
+            )
+        for part in msg.walk():  # add_alternative/add_attachment repeat it in every part
+            if part is not msg:
+                del part["MIME-Version"]
+        return msg
+
+
+def html_to_text(html: str) -> str:
+    """A readable text/plain part from the HTML: `text (url)` links, no table padding.
+
+    inscriptis (Apache-2.0) rather than html2text (GPL-3.0); imported here because it pulls in
+    lxml and only templates without body.txt need it.
+    """
+    from inscriptis import get_text
+    from inscriptis.model.config import ParserConfig
+
+    raw = str(get_text(html, ParserConfig(display_links=True)))
+    text = _MARKDOWN_LINK.sub(_plain_link, raw)
+    text = textwrap.dedent("\n".join(line.rstrip() for line in text.splitlines()))
+    return _BLANK_LINES.sub("\n\n", text).strip("\n") + "\n"
+
+
+def _plain_link(match: re.Match[str]) -> str:
+    label, url = " ".join(match[1].split()), match[2]
+    if not url or url.startswith("#"):  # an in-page anchor means nothing in plain text
+        return label
+    shown = url.removeprefix("mailto:")
+    if not label or label in (url, shown):
+        return shown
+    return f"{label} ({shown})"
+
+
+def _is_mapping_of_mappings(value: object) -> TypeGuard[dict[str, dict[str, Any]]]:
+    return isinstance(value, dict) and all(
+        isinstance(sample, str) and isinstance(ctx, dict) and all(isinstance(k, str) for k in ctx)
+        for sample, ctx in value.items()
+    )
+
+
+def _ascii_addr_spec(addr_spec: str) -> str:
+    """The address with its domain in punycode: what headers and the envelope can carry.
+
+    A non-ASCII local part would need SMTPUTF8, which Python 3.11's header classes cannot write.
+    """
+    if addr_spec.isascii():
+        return addr_spec
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        ascii_email = validate_email(addr_spec, check_deliverability=False).ascii_email
+    except EmailNotValidError as exc:
+        raise TemplateError(f"cannot build the message: {addr_spec!r}: {exc}") from None
+    if not ascii_email:
+        raise TemplateError(
+            f"cannot build the message: {addr_spec!r} has a non-ASCII local part (needs SMTPUTF8)"
+        )
+    return str(ascii_email)
+
+
+def _header_address(address: Address) -> HeaderAddress:
+    return HeaderAddress(address.display_name, addr_spec=_ascii_addr_spec(address.addr_spec))
+
+
+def _check_headers(msg: EmailMessage, data: bytes, message_id: str) -> None:
+    """Parse the serialised header block back: it must hold exactly the fields we set.
+
+    This catches CVE-2024-6923 (an encoded newline becoming a new header line) and any future
+    serialiser bug of its kind, whatever header value carried it.
+    """
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(data)
+    written = Counter(name.lower() for name in msg)
+    found = Counter(name.lower() for name in parsed)
+    if found != written:
+        extra = sorted((found - written).elements())
+        missing = sorted((written - found).elements())
+        raise TemplateError(f"header check failed: unexpected {extra}, missing {missing}")
+    if str(parsed["Message-ID"]) != message_id:
+        raise TemplateError(f"header check failed: Message-ID came out as {parsed['Message-ID']}")

@@ -1,0 +1,286 @@
+"""Settings: one typed, frozen object, built in one place from YAML, overrides and environment.
+
+Precedence, lowest first: the defaults below (identical to the shipped settings.yaml), the
+settings file, `configure(**overrides)`, then environment variables named
+`DISPATCHER_<SECTION>__<KEY>` (for example `DISPATCHER_SMTP__PORT=2525`). Environment values
+are read as YAML scalars, so `DISPATCHER_CLIENT__CONNECT='[tcp://10.0.0.5:5559]'` gives a list.
+Relative paths are relative to the settings file's folder (the working directory without one).
+"""
+
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from dispatcher.errors import SettingsError
+
+ENV_PREFIX = "DISPATCHER_"
+SETTINGS_ENV = "DISPATCHER_SETTINGS"
+PASSWORD_ENV = "DISPATCHER_SMTP_PASSWORD"
+ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeSettings:
+    """The daemon's sockets."""
+
+    bind: str = "tcp://127.0.0.1:5559"
+    acks: str = "tcp://127.0.0.1:5560"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Where `enqueue_email()` hands requests over."""
+
+    connect: tuple[str, ...] = ("tcp://127.0.0.1:5559",)
+    acks: tuple[str, ...] = ("tcp://127.0.0.1:5560",)
+    overflow_dir: Path = Path("var/overflow")
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """The SQLite file that is the source of truth for every accepted request."""
+
+    path: Path = Path("var/spool.sqlite3")
+
+
+@dataclass(frozen=True, slots=True)
+class TemplatesSettings:
+    """The folder of templates, one sub-folder per template name."""
+
+    dir: Path = Path("templates")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """The mail server every message is delivered to."""
+
+    host: str = "127.0.0.1"
+    port: int = 1025
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: float = 30.0
+    connections: int = 8
+
+    def password(self) -> str | None:
+        """The SMTP password: from the environment, else from `password_file`, never YAML."""
+        if PASSWORD_ENV in os.environ:
+            return os.environ[PASSWORD_ENV]
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"smtp.password_file: cannot read: {exc.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MailSettings:
+    """Defaults for the messages themselves."""
+
+    from_: str = "Example <noreply@example.com>"
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """When a temporary failure is tried again, and when the dispatcher gives up."""
+
+    attempts: int = 8
+    backoff: tuple[float, float] = (30.0, 3600.0)
+    max_age: float = 432000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the client and the daemon are configured with."""
+
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    templates: TemplatesSettings = field(default_factory=TemplatesSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    mail: MailSettings = field(default_factory=MailSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    source: Path | None = None  # the settings file, for messages; None means defaults only
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Find, read, merge and validate the settings; every problem is a `SettingsError`."""
+    environ = os.environ if environ is None else environ
+    source = _find(path, environ)
+    raw = _read(source) if source else {}
+    for key, value in (overrides or {}).items():
+        _merge(raw, key.split("__"), value)
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted = name.removeprefix(ENV_PREFIX).lower().split("__")
+            _merge(raw, dotted, _env_value(name, text))
+    base = source.parent if source else Path.cwd()
+    settings = _build(Settings, raw, "", base)
+    return _checked(replace(settings, source=source))
+
+
+def _find(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    if path is None and environ.get(SETTINGS_ENV):
+        path = environ[SETTINGS_ENV]
+    if path is not None:
+        if not Path(path).is_file():
+            raise SettingsError(f"settings file not found: {path}")
+        return Path(path).resolve()
+    default = Path("settings.yaml")
+    return default.resolve() if default.is_file() else None
+
+
+def _read(source: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{source}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{source}: cannot read: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{source}: expected a mapping of sections at the top level")
+    return data
+
+
+def _env_value(name: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise SettingsError(f"{name}: not a valid YAML value: {text!r}") from None
+
+
+def _merge(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set `value` at the dotted path `keys`, turning a section given as a dict into a merge."""
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SettingsError(f"{'.'.join(keys)}: {key} is not a section")
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(keys[-1]), dict):
+        for sub_key, sub_value in value.items():
+            _merge(node[keys[-1]], [sub_key], sub_value)
+    else:
+        node[keys[-1]] = value
+
+
+def _build(cls: type[Any], raw: object, prefix: str, base: Path) -> Any:
+    """Build dataclass `cls` from `raw`, checking every key and type against the annotations."""
+    where = prefix.rstrip(".") or "settings"
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{where}: expected a section (mapping), got {_shown(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name.rstrip("_"): f.name for f in fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SettingsError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(known)})")
+    values = {
+        known[key]: _coerce(value, hints[known[key]], f"{prefix}{key}", base)
+        for key, value in raw.items()
+    }
+    for f in fields(cls):  # absent sections are built too, so default paths get the same base
+        if f.name in values or f.name == "source":
+            continue
+        if is_dataclass(hints[f.name]):
+            values[f.name] = _build(hints[f.name], {}, f"{prefix}{f.name}.", base)
+        elif isinstance(f.default, Path):
+            values[f.name] = base / f.default
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, base: Path) -> Any:  # noqa: PLR0911
+    """Check one value against its annotation; YAML's `on`/`NO`/`22:30` surprises fail here."""
+    origin, args = get_origin(hint), get_args(hint)
+    if is_dataclass(hint):
+        return _build(hint, value, key + ".", base)  # type: ignore[arg-type]
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, base)
+    if origin is Literal:
+        if value not in args:
+            raise SettingsError(f"{key}: expected one of {', '.join(args)}, got {_shown(value)}")
+        return value
+    if origin is tuple:
+        return _coerce_tuple(value, args, key, base)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{key}: expected true or false, got {_shown(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{key}: expected an integer, got {_shown(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SettingsError(f"{key}: expected a number, got {_shown(value)}")
+        return float(value)
+    if hint is Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise SettingsError(f"{key}: expected a path, got {_shown(value)}")
+        return base / value
+    if not isinstance(value, str):
+        raise SettingsError(f"{key}: expected a string, got {_shown(value)}")
+    return value
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...], key: str, base: Path) -> tuple[Any, ...]:
+    if isinstance(value, str) and args[-1] is Ellipsis:
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise SettingsError(f"{key}: expected a list, got {_shown(value)}")
+    if args[-1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]", base) for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise SettingsError(f"{key}: expected a list of {len(args)} items, got {len(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]", base) for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _shown(value: object) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+def _checked(settings: Settings) -> Settings:
+    """Rules that span a value's meaning, not just its type."""
+    for key, endpoint in [
+        ("intake.bind", settings.intake.bind),
+        ("intake.acks", settings.intake.acks),
+        *((f"client.connect[{i}]", e) for i, e in enumerate(settings.client.connect)),
+        *((f"client.acks[{i}]", e) for i, e in enumerate(settings.client.acks)),
+    ]:
+        if not endpoint.startswith(ENDPOINT_SCHEMES):
+            raise SettingsError(f"{key}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+    if not settings.client.connect:
+        raise SettingsError("client.connect: at least one endpoint is required")
+    smtp, retry = settings.smtp, settings.retry
+    if not 0 < smtp.port < 65536:
+        raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")
+    if smtp.connections < 1 or smtp.timeout <= 0:
+        raise SettingsError("smtp.connections and smtp.timeout: must be positive")
+    first, longest = retry.backoff
+    if not 0 < first <= longest:
+        raise SettingsError(f"retry.backoff: expected [first, longest] with 0 < first <= longest, got {list(retry.backoff)}")
+    if retry.attempts < 1 or retry.max_age <= 0:
+        raise SettingsError("retry.attempts and retry.max_age: must be positive")
+    from dispatcher.address import parse_address  # lazy: email-validator is slow to import
+    from dispatcher.errors import InvalidRequest
+
+    try:
+        parse_address(settings.mail.from_, "mail.from")
+    except InvalidRequest as exc:
+        raise SettingsError(str(exc)) from None
+    return settings

@@ -1,0 +1,267 @@
+"""The SQLite spool: the source of truth for every request the daemon has accepted.
+
+A request is acknowledged only once the transaction holding it has committed, so the pragmas
+below are chosen for that promise, not for speed; speed comes from committing whole batches.
+"""
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dispatcher.wire import PRIORITIES, Request
+
+STATES = ("queued", "retry", "sending", "sent", "dead")
+# Rows a delivery worker may pick up; 'sending' rows are in flight (or were, before a crash).
+WAITING = ("queued", "retry")
+EXCERPT_BYTES = 200
+
+SCHEMA = """
+create table if not exists requests (
+    id text primary key,
+    idempotency_key text unique,
+    template text not null,
+    request blob not null,              -- the wire-form JSON, as validated at intake
+    state text not null,
+    priority integer not null,
+    created_at real not null,
+    next_attempt_at real not null,
+    attempts integer not null default 0,
+    envelope_from text,                 -- set with the rendered message
+    recipients text,                    -- JSON list still to deliver; null until rendered
+    delivered text not null default '[]',
+    refused text not null default '{}', -- JSON {recipient: reply} of permanent refusals
+    message_id text,
+    message blob,                       -- rendered once; every retry sends these bytes
+    last_reply text,
+    maybe_duplicate integer not null default 0,
+    updated_at real not null
+);
+create index if not exists requests_due on requests (state, priority, next_attempt_at);
+create table if not exists attempts (
+    request_id text not null references requests (id) on delete cascade,
+    number integer not null,
+    started_at real not null,
+    finished_at real,
+    outcome text,
+    code integer,
+    reply text,
+    primary key (request_id, number)
+);
+create table if not exists rejected (
+    id integer primary key,
+    received_at real not null,
+    reason text not null,
+    excerpt blob not null               -- the first bytes of the frame, for the operator
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A request as the delivery side needs it."""
+
+    id: str
+    template: str
+    request: bytes
+    created_at: float
+    attempts: int
+    envelope_from: str | None
+    recipients: list[str] | None
+    delivered: list[str]
+    refused: dict[str, str]
+    message: bytes | None
+
+
+class Spool:
+    """One connection to the spool file; used from one thread (the daemon's event loop)."""
+
+    def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
+        # takes the write lock up front instead of failing half-way with SQLITE_BUSY.
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
+        self.db.execute("pragma journal_mode=wal")  # readers (status) never block the writer
+        # FULL: a committed batch survives power loss, which is what a receipt promises.
+        self.db.execute("pragma synchronous=full")
+        self.db.execute("pragma foreign_keys=on")
+        # Statement by statement: executescript() would commit outside our transaction.
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on any exception."""
+        self.db.execute("begin immediate")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("rollback")
+            raise
+        self.db.execute("commit")
+
+    # -- intake ------------------------------------------------------------------------
+
+    def add(self, requests: Sequence[tuple[Request, bytes]], rejections: Sequence[tuple[str, bytes]],
+            now: float) -> list[str]:
+        """Store a batch in one transaction; returns the ids that were new.
+
+        An id (or idempotency key) already held is ignored, so a re-sent request is stored once.
+        """
+        added = []
+        with self.transaction() as db:
+            for request, fields in requests:
+                due = request.send_at.timestamp() if request.send_at else now
+                cursor = db.execute(
+                    "insert or ignore into requests (id, idempotency_key, template, request, state,"
+                    " priority, created_at, next_attempt_at, updated_at)"
+                    " values (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (request.id, request.idempotency_key, request.template, fields,
+                     PRIORITIES[request.priority], now, due, now),
+                )  # fmt: skip
+                if cursor.rowcount:
+                    added.append(request.id)
+            db.executemany(
+                "insert into rejected (received_at, reason, excerpt) values (?, ?, ?)",
+                [(now, reason, frame[:EXCERPT_BYTES]) for reason, frame in rejections],
+            )
+        return added
+
+    def requeue_interrupted(self, now: float, request_id: str | None = None) -> int:
+        """Sends cut short (by a crash, or one request at shutdown) go again, flagged as
+        possible duplicates: the server may already have the message."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "update requests set state = 'retry', maybe_duplicate = 1, next_attempt_at = ?,"
+                " updated_at = ? where state = 'sending' and (? is null or id = ?)",
+                (now, now, request_id, request_id),
+            )
+        return cursor.rowcount
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
+        """Waiting requests whose time has come, most urgent first, minus those in hand."""
+        rows = self.db.execute(
+            "select id, template, request, created_at, attempts, envelope_from, recipients,"
+            " delivered, refused, message from requests"
+            " where state in ('queued', 'retry') and next_attempt_at <= ?"
+            " order by priority, next_attempt_at limit ?",
+            (now, limit + len(exclude)),
+        ).fetchall()
+        return [_row(r) for r in rows if r[0] not in exclude][:limit]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest waiting request becomes due, or None when nothing waits."""
+        (when,) = self.db.execute(
+            "select min(next_attempt_at) from requests where state in ('queued', 'retry')"
+        ).fetchone()
+        return float(when) if when is not None else None
+
+    def save_rendered(self, request_id: str, message_id: str, envelope_from: str,
+                      recipients: Sequence[str], message: bytes, now: float) -> None:
+        """Keep the rendered bytes, so every retry sends exactly the same message."""
+        with self.transaction() as db:
+            db.execute(
+                "update requests set message_id = ?, envelope_from = ?, recipients = ?,"
+                " message = ?, updated_at = ? where id = ?",
+                (message_id, envelope_from, orjson.dumps(list(recipients)), message, now,
+                 request_id),
+            )  # fmt: skip
+
+    def start_attempt(self, request_id: str, number: int, now: float) -> None:
+        """Mark the request as in flight before the first byte goes to the server."""
+        with self.transaction() as db:
+            db.execute(
+                "update requests set state = 'sending', attempts = ?, updated_at = ? where id = ?",
+                (number, now, request_id),
+            )
+            db.execute(
+                "insert or replace into attempts (request_id, number, started_at) values (?, ?, ?)",
+                (request_id, number, now),
+            )
+
+    def finish(self, request_id: str, state: str, *, now: float, next_attempt_at: float | None = None,
+               reply: str, code: int | None = None, number: int | None = None,
+               recipients: Sequence[str] | None = None, delivered: Sequence[str] = (),
+               refused: dict[str, str] | None = None) -> None:
+        """Record the end of an attempt (or a render failure) and the request's new state."""
+        assert state in STATES
+        with self.transaction() as db:
+            db.execute(
+                "update requests set state = ?, next_attempt_at = coalesce(?, next_attempt_at),"
+                " last_reply = ?, recipients = coalesce(?, recipients), delivered = ?,"
+                " refused = coalesce(?, refused), updated_at = ? where id = ?",
+                (state, next_attempt_at, reply,
+                 None if recipients is None else orjson.dumps(list(recipients)),
+                 orjson.dumps(list(delivered)), None if refused is None else orjson.dumps(refused),
+                 now, request_id),
+            )  # fmt: skip
+            if number is not None:
+                db.execute(
+                    "update attempts set finished_at = ?, outcome = ?, code = ?, reply = ?"
+                    " where request_id = ? and number = ?",
+                    (now, state, code, reply, request_id, number),
+                )
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Requests per state, plus rejected frames; every state is present, zero or not."""
+        counts = dict.fromkeys((*STATES, "rejected"), 0)
+        for state, n in self.db.execute("select state, count(*) from requests group by state"):
+            counts[state] = n
+        (counts["rejected"],) = self.db.execute("select count(*) from rejected").fetchone()
+        return counts
+
+    def oldest_waiting(self) -> float | None:
+        """Creation time of the oldest request not yet sent or dead."""
+        (when,) = self.db.execute(
+            "select min(created_at) from requests where state in ('queued', 'retry', 'sending')"
+        ).fetchone()
+        return float(when) if when is not None else None
+
+    def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest dead requests and rejected frames, for `dispatcher status`."""
+        dead = self.db.execute(
+            "select updated_at, 'dead', id, template, last_reply from requests"
+            " where state = 'dead' order by updated_at desc limit ?",
+            (limit,),
+        ).fetchall()
+        rejected = self.db.execute(
+            "select received_at, 'rejected', null, null, reason from rejected"
+            " order by id desc limit ?",
+            (limit,),
+        ).fetchall()
+        newest = sorted(dead + rejected, reverse=True)[:limit]
+        keys = ("at", "state", "id", "template", "reason")
+        return [dict(zip(keys, row, strict=True)) for row in newest]
+
+
+def _row(r: tuple[Any, ...]) -> Row:
+    return Row(
+        id=r[0], template=r[1], request=r[2], created_at=r[3], attempts=r[4], envelope_from=r[5],
+        recipients=None if r[6] is None else orjson.loads(r[6]), delivered=orjson.loads(r[7]),
+        refused=orjson.loads(r[8]), message=r[9],
+    )  # fmt: skip
+
+
+def now() -> float:
+    """Wall-clock seconds; one place, so tests and the spool agree on the clock."""
+    return time.time()

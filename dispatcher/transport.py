@@ -1,0 +1,246 @@
+"""SMTP delivery over one long-lived connection per worker, each outcome returned as a value.
+
+aiosmtplib has no connection pool and no PIPELINING: a connection carries one message at a time,
+and opening a connection per message costs more than half the throughput. So every delivery
+worker owns one `SmtpConnection` and reuses it for many messages, reconnecting when the server
+has dropped it.
+
+`deliver()` never raises for SMTP or network failures. It classifies them by RFC 5321 reply
+class into an `Attempt` (2xx delivered; 4xx, disconnects and timeouts deferred; 5xx refused,
+per recipient), so the service loop decides with a `match` on values instead of a ladder of
+`except` clauses. Only programming errors and cancellation propagate.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Self
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPNotSupported,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+)
+
+from dispatcher.errors import SettingsError
+from dispatcher.settings import SmtpSettings
+
+log = logging.getLogger(__name__)
+
+# The hard deadline allows this transfer rate for the DATA payload on top of 2 x timeout, so a
+# large attachment on a slow link is not cut off (and then re-sent, possibly twice delivered).
+_MIN_BYTES_PER_SECOND = 64 * 1024
+# QUIT is a courtesy: never let it hold up a shutdown for long.
+_QUIT_TIMEOUT = 5.0
+# Servers drop idle connections, sometimes silently (a NAT or firewall forgets them); a send on
+# such a connection would hang until the timeout. Postfix reuses a connection for at most 300 s.
+_MAX_IDLE = 60.0
+_MAX_AGE = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one delivery attempt did, per recipient."""
+
+    delivered: tuple[str, ...]  # recipients the server accepted (the message went to them)
+    deferred: dict[str, str]  # recipient -> reason: temporary (4xx, network, timeout): retry
+    refused: dict[str, str]  # recipient -> reason: permanent (5xx): never again
+    code: int | None  # the server's final reply code, None for network errors
+    reply: str  # "250 2.0.0 Ok queued", "451 4.3.0 Try later", "SMTPConnectError: ..."
+
+
+class SmtpConnection:
+    """One SMTP connection, opened lazily and reused for many messages; an async context manager.
+
+    Not meant to be shared between tasks: each delivery worker owns one (a lock still makes
+    concurrent calls safe, but they queue). `max_idle` and `max_age` (seconds) bound how long a
+    connection is reused before a fresh one is opened.
+    """
+
+    def __init__(
+        self, settings: SmtpSettings, *, max_idle: float = _MAX_IDLE, max_age: float = _MAX_AGE
+    ) -> None:
+        self._settings = settings
+        self._max_idle = max_idle
+        self._max_age = max_age
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._opened_at = 0.0
+        self._used_at = 0.0
+        self._password: str | None = None  # only to scrub it from reasons, never logged
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def deliver(self, envelope_from: str, recipients: Sequence[str], data: bytes) -> Attempt:
+        """Send `data` (the whole message, headers included) to `recipients`; never raises for
+        SMTP or network failures, which come back classified in the `Attempt`."""
+        rcpts = tuple(dict.fromkeys(recipients))  # a repeated RCPT would only confuse the count
+        if not rcpts:
+            raise ValueError("deliver() needs at least one recipient")
+        async with self._lock:
+            attempt = await self._deliver(envelope_from, rcpts, data)
+        self._used_at = time.monotonic()
+        return self._scrubbed(attempt)
+
+    async def close(self) -> None:
+        """Say QUIT (briefly) and close; the next `deliver()` would open a new connection."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        if smtp.is_connected:
+            try:
+                async with asyncio.timeout(min(self._settings.timeout, _QUIT_TIMEOUT)):
+                    await smtp.quit()
+            except (SMTPException, OSError):
+                pass  # the server is gone or grumpy; closing our end is all that is left
+        smtp.close()
+
+    async def _deliver(self, envelope_from: str, rcpts: tuple[str, ...], data: bytes) -> Attempt:
+        deadline = 2 * self._settings.timeout + len(data) / _MIN_BYTES_PER_SECOND
+        try:
+            # aiosmtplib's timeout is per socket read; this one bounds the whole attempt.
+            async with asyncio.timeout(deadline):
+                try:
+                    smtp = await self._connection()
+                except (SMTPException, OSError, SettingsError) as exc:
+                    # Connect, TLS, EHLO or AUTH failed: a problem of the session, not of this
+                    # message, so even a 5xx here (e.g. 535 bad credentials) is only deferred.
+                    self._abandon()
+                    return _everyone(rcpts, deferred=True, code=_code(exc), reply=_describe(exc))
+                return await self._send(smtp, envelope_from, rcpts, data)
+        except (SMTPException, OSError) as exc:
+            # Disconnect, read timeout or our own deadline in mid-transaction: the connection's
+            # state is unknown, so it is dropped. The server may even have accepted the message.
+            self._abandon()
+            reply = _describe(exc) if str(exc) else f"TimeoutError: no answer within {deadline:g} s"
+            return _everyone(rcpts, deferred=True, code=None, reply=reply)
+        except asyncio.CancelledError:
+            self._abandon()  # cancelled mid-dialogue: never reuse a half-finished transaction
+            raise
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """The open connection, or a new one if there is none, it dropped, or it is too old."""
+        now = time.monotonic()
+        if self._smtp is not None and not (
+            self._smtp.is_connected
+            and now - self._used_at < self._max_idle
+            and now - self._opened_at < self._max_age
+        ):
+            await self.close()
+        if self._smtp is None:
+            self._smtp = await self._connect()
+            self._opened_at = self._used_at = time.monotonic()
+        return self._smtp
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        settings = self._settings
+        self._password = settings.password() if settings.username else None
+        smtp = aiosmtplib.SMTP(
+            hostname=settings.host,
+            port=settings.port,
+            timeout=settings.timeout,
+            use_tls=settings.security == "tls",
+            # Explicit, never aiosmtplib's default None, which is opportunistic STARTTLS that a
+            # stripped EHLO downgrades silently.
+            start_tls=settings.security == "starttls",
+            username=settings.username,
+            password=self._password,
+        )
+        await smtp.connect()
+        log.debug("connected to %s:%d (%s)", settings.host, settings.port, settings.security)
+        return smtp
+
+    async def _send(
+        self, smtp: aiosmtplib.SMTP, envelope_from: str, rcpts: tuple[str, ...], data: bytes
+    ) -> Attempt:
+        """One mail transaction on an open connection; failures with a reply are classified here,
+        network failures propagate to `_deliver`."""
+        options = ["SMTPUTF8"] if not all(a.isascii() for a in (envelope_from, *rcpts)) else []
+        try:
+            errors, message = await smtp.sendmail(envelope_from, rcpts, data, mail_options=options)
+        except SMTPRecipientsRefused as exc:
+            last = exc.recipients[-1]
+            per_rcpt = {r.recipient: (r.code, r.message) for r in exc.recipients}
+            return _per_recipient(rcpts, per_rcpt, last.code, _format(last.code, last.message))
+        except SMTPResponseException as exc:  # MAIL refused, DATA refused, an unparsable reply
+            if exc.code == 421 or exc.code < 0:
+                self._abandon()  # 421: the server is closing; < 0: we lost track of the dialogue
+            reply = _format(exc.code, exc.message)
+            return _everyone(rcpts, deferred=exc.code // 100 != 5, code=exc.code, reply=reply)
+        except (SMTPNotSupported, ValueError) as exc:
+            # SMTPUTF8 addresses the server cannot take, or an address aiosmtplib will not put
+            # on the wire (CR/LF): no retry can change that for this message.
+            return _everyone(rcpts, deferred=False, code=None, reply=_describe(exc))
+        per_rcpt = {r: (response.code, response.message) for r, response in errors.items()}
+        # sendmail() returns normally only after DATA got its 250.
+        return _per_recipient(rcpts, per_rcpt, 250, _format(250, message))
+
+    def _abandon(self) -> None:
+        """Close without QUIT: after a failure the dialogue's state is not to be trusted."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    def _scrubbed(self, attempt: Attempt) -> Attempt:
+        """The attempt with the password blanked out, in case a server or library echoed it."""
+        secret = self._password
+        if not secret:
+            return attempt
+
+        def scrub(text: str) -> str:
+            return text.replace(secret, "******")
+
+        return replace(
+            attempt,
+            deferred={r: scrub(t) for r, t in attempt.deferred.items()},
+            refused={r: scrub(t) for r, t in attempt.refused.items()},
+            reply=scrub(attempt.reply),
+        )
+
+
+def _per_recipient(
+    rcpts: tuple[str, ...], errors: dict[str, tuple[int, str]], code: int, reply: str
+) -> Attempt:
+    """Split recipients by their own RCPT replies: absent from `errors` means delivered."""
+    deferred: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for rcpt, (rcode, message) in errors.items():
+        (refused if rcode // 100 == 5 else deferred)[rcpt] = _format(rcode, message)
+    delivered = tuple(r for r in rcpts if r not in errors)
+    return Attempt(delivered, deferred, refused, code, reply)
+
+
+def _everyone(rcpts: tuple[str, ...], *, deferred: bool, code: int | None, reply: str) -> Attempt:
+    """The same outcome for every recipient."""
+    reasons = dict.fromkeys(rcpts, reply)
+    if deferred:
+        return Attempt((), reasons, {}, code, reply)
+    return Attempt((), {}, reasons, code, reply)
+
+
+def _format(code: int, message: str) -> str:
+    return f"{code} {message}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SMTPResponseException):
+        return _format(exc.code, exc.message)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _code(exc: BaseException) -> int | None:
+    return exc.code if isinstance(exc, SMTPResponseException) else None

@@ -1,0 +1,96 @@
+"""Wire protocol v1: what a frame may hold, and the reason given for what it may not."""
+
+import base64
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import UUID
+
+import orjson
+import pytest
+
+from dispatcher import wire
+from dispatcher.errors import InvalidRequest, RequestTooLarge
+
+
+def frame(**fields: object) -> bytes:
+    return orjson.dumps({"v": 1, "template": "welcome", "to": "ada@example.com", **fields})
+
+
+def test_minimal_foreign_frame_gets_an_id_and_defaults() -> None:
+    request = wire.decode(frame())
+    assert len(request.id) == 32
+    assert request.to[0].addr_spec == "ada@example.com"
+    assert (request.priority, request.context, request.client) == ("normal", {}, None)
+
+
+def test_full_request_round_trips_through_its_wire_form() -> None:
+    fields = {
+        "id": "abc-1", "client": "web-1", "to": ["Ada Lovelace <ada@example.com>", "bob@example.org"],
+        "cc": "cc@example.com", "bcc": ["hidden@example.com"], "reply_to": "help@example.com",
+        "sender": "Shop <shop@example.com>", "headers": {"X-Campaign": "spring"},
+        "attachments": [{"filename": "a.csv", "content_type": "text/csv",
+                         "data": base64.b64encode(b"a,b\n").decode()}],
+        "send_at": "2030-01-01T10:00:00+01:00", "priority": "high", "idempotency_key": "order-7",
+        "locale": "de-AT", "context": {"name": "Zoë <O'Brien> & Co"},
+    }  # fmt: skip
+    request = wire.decode(frame(**fields))
+    assert request.recipients == ["ada@example.com", "bob@example.org", "cc@example.com",
+                                  "hidden@example.com"]  # fmt: skip
+    assert request.attachments[0].content == b"a,b\n"
+    assert request.send_at == datetime(2030, 1, 1, 9, tzinfo=UTC)
+    assert wire.decode(orjson.dumps(wire.to_fields(request))) == request
+
+
+def test_encode_turns_python_values_into_json() -> None:
+    moment = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
+    uid = UUID(int=7)
+    data = orjson.loads(wire.encode({"context": {"at": moment, "price": Decimal("9.90"), "id": uid}}))
+    assert data["context"] == {"at": "2030-01-01T09:30:00+00:00", "price": "9.90", "id": str(uid)}
+
+
+def test_unencodable_context_is_invalid() -> None:
+    with pytest.raises(InvalidRequest, match="context: cannot be encoded"):
+        wire.encode({"context": {"x": object()}})
+
+
+def test_oversize_frame_is_rejected_with_the_limit() -> None:
+    big = frame(context={"blob": "x" * wire.MAX_FRAME_BYTES})
+    with pytest.raises(RequestTooLarge, match=str(wire.MAX_FRAME_BYTES)):
+        wire.decode(big)
+    with pytest.raises(RequestTooLarge):
+        wire.encode({"context": {"blob": "x" * wire.MAX_FRAME_BYTES}})
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"sending 0", "not a JSON object"),
+        (b"\xff\xfe\x00", "not a JSON object"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"template": "welcome", "to": "a@example.com"}', "v: unsupported protocol version None"),
+        (frame(v=2), "v: unsupported protocol version 2"),
+        (frame(bogus=1), "unknown field 'bogus'"),
+        (orjson.dumps({"v": 1, "to": "a@example.com"}), "template: a template name"),
+        (frame(template="../etc/passwd"), "is not a template name"),
+        (frame(template="_layouts"), "is not a template name"),
+        (frame(to=[]), "to: at least one recipient"),
+        (frame(to="not-an-address"), "to[0]: 'not-an-address' is not a valid address"),
+        (frame(to="a@example.com\r\nBcc: x@evil.com"), "to[0]: control characters"),
+        (frame(to="=?utf-8?q?x?= <a@example.com>"), "encoded words"),
+        (frame(to="alice@example.org)<bob@example.org>"), "to[0]"),
+        (frame(cc=[1]), "cc[0]: expected an address string, got int"),
+        (frame(headers={"X-Tag": "a\nBcc: x@evil.com"}), "headers.X-Tag: control characters"),
+        (frame(headers={"Bcc": "x@evil.com"}), "headers: Bcc is set by the dispatcher"),
+        (frame(headers={"Bad Name": "x"}), "not a valid header name"),
+        (frame(priority="urgent"), "priority: 'urgent' is not one of high, normal, low"),
+        (frame(send_at="2030-01-01T10:00:00"), "send_at: expected an ISO 8601 time with a UTC offset"),
+        (frame(context=[1]), "context: expected an object, got list"),
+        (frame(attachments=[{"filename": "../x", "data": ""}]), "filename: expected a plain file name"),
+        (frame(attachments=[{"filename": "x", "data": "***"}]), "data: expected base64"),
+        (frame(id="has space"), "id: 'has space' is not valid"),
+    ],
+)
+def test_bad_frames_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        wire.decode(data)
+    assert reason in str(caught.value)
