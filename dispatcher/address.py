@@ -27,7 +27,11 @@ class Address:
         if not self.display_name:
             return self.addr_spec
         name = self.display_name
-        return f'"{name}" <{self.addr_spec}>' if _SPECIALS.search(name) else f"{name} <{self.addr_spec}>"
+        return (
+            f'"{name}" <{self.addr_spec}>'
+            if _SPECIALS.search(name)
+            else f"{name} <{self.addr_spec}>"
+        )
 
 
 def check_header_text(value: str, what: str) -> None:
@@ -66,7 +70,9 @@ def _validate_addr_spec(addr: str, what: str) -> str:
     from email_validator import EmailNotValidError, validate_email
 
     try:
-        valid = validate_email(addr, check_deliverability=False)
+        # No SMTPUTF8 local parts: the stdlib cannot write them into headers, and many relays
+        # refuse them; better a clear error at enqueue than a dead request later.
+        valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise InvalidRequest(f"{what}: {addr!r} is not a valid address: {exc}") from None
     return str(valid.normalized)

@@ -46,13 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--settings", metavar="PATH", help="settings file (default: "
-                        "$DISPATCHER_SETTINGS, else ./settings.yaml, else built-in defaults)")
-    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--settings",
+        metavar="PATH",
+        help="settings file (default: "
+        "$DISPATCHER_SETTINGS, else ./settings.yaml, else built-in defaults)",
+    )
+    common.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[Settings, argparse.Namespace], int],
-                help: str) -> argparse.ArgumentParser:  # noqa: A002
+    def command(
+        name: str, handler: Callable[[Settings, argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=help, description=help)
         sub.set_defaults(command=handler)
         return sub
@@ -102,8 +109,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def send(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher import client, wire
 
-    fields = {"v": wire.VERSION, "id": wire.new_id(), "template": args.template,
-              "to": args.to, "context": _read_context(args.context)}  # fmt: skip
+    fields = {
+        "v": wire.VERSION,
+        "id": wire.new_id(),
+        "template": args.template,
+        "to": args.to,
+        "context": _read_context(args.context),
+    }
     wire.validate(fields)
     sender = client.Client(settings)
     try:
@@ -128,8 +140,9 @@ def render(settings: Settings, args: argparse.Namespace) -> int:
             known = ", ".join(samples) or "none"
             raise UsageError(f"{args.template}: no sample {args.sample!r} (samples: {known})")
         context = {**samples[args.sample], **context}
-    request = wire.validate({"v": wire.VERSION, "template": args.template, "to": args.to,
-                             "context": context})  # fmt: skip
+    request = wire.validate(
+        {"v": wire.VERSION, "template": args.template, "to": args.to, "context": context}
+    )
     if args.format == "eml":
         sys.stdout.buffer.write(renderer.render(request).data)
         return 0
@@ -144,24 +157,21 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.spool.path.exists():
         raise UsageError(f"no spool at {settings.spool.path} (has the daemon ever run?)")
     with Spool(settings.spool.path) as spool:
-        oldest = spool.oldest_waiting()
-        report = {
-            "counts": spool.counts(),
-            "oldest_waiting_seconds": None if oldest is None else round(time.time() - oldest, 1),
-            "recent_failures": spool.recent_failures(),
-            "spool": str(settings.spool.path),
-        }
+        counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
+    age = None if oldest is None else round(time.time() - oldest, 1)
     if args.json:
+        report = {"counts": counts, "oldest_waiting_seconds": age, "recent_failures": failures,
+                  "spool": str(settings.spool.path)}  # fmt: skip
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(f"spool {report['spool']}")
-    for state, n in report["counts"].items():
+    print(f"spool {settings.spool.path}")
+    for state, n in counts.items():
         print(f"  {state:<9}{n:>9}")
-    if oldest is not None:
-        print(f"oldest waiting request: {report['oldest_waiting_seconds']} s")
-    if report["recent_failures"]:
+    if age is not None:
+        print(f"oldest waiting request: {age} s")
+    if failures:
         print("recent failures:")
-    for failure in report["recent_failures"]:
+    for failure in failures:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["at"]))
         print(f"  {when} {failure['state']:<8} {failure['id'] or '-'} {failure['reason']}")
     return 0
@@ -191,8 +201,11 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
             except TemplateError as exc:
                 print(f"{exc} [template {name}, sample {sample}]")
                 failures += 1
-    print(f"checked {len(names)} templates: {failures} failures" if failures
-          else f"ok: settings and {len(names)} templates")  # fmt: skip
+    print(
+        f"checked {len(names)} templates: {failures} failures"
+        if failures
+        else f"ok: settings and {len(names)} templates"
+    )
     return 1 if failures else 0
 
 

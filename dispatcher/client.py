@@ -62,8 +62,9 @@ class Client:
                 self.not_handed_over += 1
         log.error(
             "request %s not handed over: no daemon reachable at %s or its queue is full",
-            request_id, ", ".join(self.settings.client.connect),
-        )  # fmt: skip
+            request_id,
+            ", ".join(self.settings.client.connect),
+        )
         return False
 
     def close(self) -> None:
@@ -141,12 +142,18 @@ def enqueue_email(
     request_id = wire.new_id()
     fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "template": template, "to": to}
     optional = {
-        "context": None if context is None else dict(context), "cc": cc, "bcc": bcc,
-        "reply_to": reply_to, "sender": sender, "headers": None if headers is None else dict(headers),
+        "context": None if context is None else dict(context),
+        "cc": cc,
+        "bcc": bcc,
+        "reply_to": reply_to,
+        "sender": sender,
+        "headers": None if headers is None else dict(headers),
         "attachments": None if attachments is None else [_attachment(a) for a in attachments],
-        "send_at": _send_at(send_at), "priority": priority, "idempotency_key": idempotency_key,
+        "send_at": _send_at(send_at),
+        "priority": priority,
+        "idempotency_key": idempotency_key,
         "locale": locale,
-    }  # fmt: skip
+    }
     fields.update((k, v) for k, v in optional.items() if v is not None)
     for name in wire.ADDRESS_LIST_FIELDS:
         if isinstance(fields.get(name), tuple):
@@ -174,12 +181,14 @@ def _attachment(item: AttachmentInput) -> dict[str, str]:
     if isinstance(item, wire.Attachment):
         return wire.attachment_fields(item)
     if not isinstance(item, tuple) or len(item) not in (2, 3):
-        raise InvalidRequest("attachments: expected (filename, content) or (filename, content, type)")
+        raise InvalidRequest(
+            "attachments: expected (filename, content) or (filename, content, type)"
+        )
     filename, content = item[0], item[1]
     if not isinstance(content, bytes):
         raise InvalidRequest(f"attachments: content of {filename!r} must be bytes")
     guessed = mimetypes.guess_type(Path(str(filename)).name)[0] or "application/octet-stream"
-    content_type = item[2] if len(item) == 3 else guessed  # type: ignore[misc]
+    content_type = item[2] if len(item) == 3 else guessed
     return wire.attachment_fields(wire.Attachment(filename, content_type, content))
 
 

@@ -13,6 +13,7 @@ CVE-2024-6923, where an encoded word in a header value can turn into a real head
 import email.errors
 import email.policy
 import email.utils
+import hashlib
 import os
 import re
 import textwrap
@@ -132,6 +133,7 @@ class Renderer:
             moment = moment.replace(tzinfo=UTC)
         try:
             msg = self._build(request, parts, sender, message_id, moment)
+            _set_boundaries(msg, message_id, parts, request)
             data = msg.as_bytes(policy=POLICY)
         except (ValueError, TypeError, email.errors.MessageError) as exc:
             raise TemplateError(f"cannot build the message: {exc}") from exc
@@ -315,6 +317,23 @@ def _ascii_addr_spec(addr_spec: str) -> str:
 
 def _header_address(address: Address) -> HeaderAddress:
     return HeaderAddress(address.display_name, addr_spec=_ascii_addr_spec(address.addr_spec))
+
+
+def _set_boundaries(msg: EmailMessage, message_id: str, parts: Parts, request: Request) -> None:
+    """Boundaries derived from the content, so the same request renders to the same bytes.
+
+    The stdlib picks random boundaries; a digest of everything inside the message cannot occur in
+    that content, which is the only property a boundary needs.
+    """
+    digest = hashlib.sha256(message_id.encode())
+    for text in (parts.subject, parts.text, parts.html or ""):
+        digest.update(text.encode("utf-8", "surrogatepass"))
+    for attachment in request.attachments:
+        digest.update(attachment.filename.encode("utf-8", "surrogatepass") + attachment.content)
+    seed = digest.hexdigest()[:32]
+    multiparts = (part for part in msg.walk() if part.is_multipart())
+    for index, part in enumerate(multiparts):
+        part.set_boundary(f"=_{seed}.{index}")
 
 
 def _check_headers(msg: EmailMessage, data: bytes, message_id: str) -> None:

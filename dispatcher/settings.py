@@ -201,7 +201,7 @@ def _build(cls: type[Any], raw: object, prefix: str, base: Path) -> Any:
     return cls(**values)
 
 
-def _coerce(value: Any, hint: Any, key: str, base: Path) -> Any:  # noqa: PLR0911
+def _coerce(value: Any, hint: Any, key: str, base: Path) -> Any:
     """Check one value against its annotation; YAML's `on`/`NO`/`22:30` surprises fail here."""
     origin, args = get_origin(hint), get_args(hint)
     if is_dataclass(hint):
@@ -247,7 +247,9 @@ def _coerce_tuple(value: Any, args: tuple[Any, ...], key: str, base: Path) -> tu
         return tuple(_coerce(v, args[0], f"{key}[{i}]", base) for i, v in enumerate(value))
     if len(value) != len(args):
         raise SettingsError(f"{key}: expected a list of {len(args)} items, got {len(value)}")
-    return tuple(_coerce(v, a, f"{key}[{i}]", base) for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(
+        _coerce(v, a, f"{key}[{i}]", base) for i, (v, a) in enumerate(zip(value, args, strict=True))
+    )
 
 
 def _shown(value: object) -> str:
@@ -263,7 +265,9 @@ def _checked(settings: Settings) -> Settings:
         *((f"client.acks[{i}]", e) for i, e in enumerate(settings.client.acks)),
     ]:
         if not endpoint.startswith(ENDPOINT_SCHEMES):
-            raise SettingsError(f"{key}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+            raise SettingsError(
+                f"{key}: {endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint"
+            )
     if not settings.client.connect:
         raise SettingsError("client.connect: at least one endpoint is required")
     smtp, retry = settings.smtp, settings.retry
@@ -273,7 +277,10 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("smtp.connections and smtp.timeout: must be positive")
     first, longest = retry.backoff
     if not 0 < first <= longest:
-        raise SettingsError(f"retry.backoff: expected [first, longest] with 0 < first <= longest, got {list(retry.backoff)}")
+        raise SettingsError(
+            "retry.backoff: expected [first, longest] with 0 < first <= longest,"
+            f" got {list(retry.backoff)}"
+        )
     if retry.attempts < 1 or retry.max_age <= 0:
         raise SettingsError("retry.attempts and retry.max_age: must be positive")
     from dispatcher.address import parse_address  # lazy: email-validator is slow to import

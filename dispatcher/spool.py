@@ -90,11 +90,8 @@ class Spool:
         # FULL: a committed batch survives power loss, which is what a receipt promises.
         self.db.execute("pragma synchronous=full")
         self.db.execute("pragma foreign_keys=on")
-        # Statement by statement: executescript() would commit outside our transaction.
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        # One transaction, so two processes opening a new spool at once cannot interleave.
+        self.db.executescript(f"begin immediate; {SCHEMA} commit;")
 
     def close(self) -> None:
         self.db.close()
@@ -118,8 +115,12 @@ class Spool:
 
     # -- intake ------------------------------------------------------------------------
 
-    def add(self, requests: Sequence[tuple[Request, bytes]], rejections: Sequence[tuple[str, bytes]],
-            now: float) -> list[str]:
+    def add(
+        self,
+        requests: Sequence[tuple[Request, bytes]],
+        rejections: Sequence[tuple[str, bytes]],
+        now: float,
+    ) -> list[str]:
         """Store a batch in one transaction; returns the ids that were new.
 
         An id (or idempotency key) already held is ignored, so a re-sent request is stored once.
@@ -132,9 +133,17 @@ class Spool:
                     "insert or ignore into requests (id, idempotency_key, template, request, state,"
                     " priority, created_at, next_attempt_at, updated_at)"
                     " values (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (request.id, request.idempotency_key, request.template, fields,
-                     PRIORITIES[request.priority], now, due, now),
-                )  # fmt: skip
+                    (
+                        request.id,
+                        request.idempotency_key,
+                        request.template,
+                        fields,
+                        PRIORITIES[request.priority],
+                        now,
+                        due,
+                        now,
+                    ),
+                )
                 if cursor.rowcount:
                     added.append(request.id)
             db.executemany(
@@ -174,16 +183,29 @@ class Spool:
         ).fetchone()
         return float(when) if when is not None else None
 
-    def save_rendered(self, request_id: str, message_id: str, envelope_from: str,
-                      recipients: Sequence[str], message: bytes, now: float) -> None:
+    def save_rendered(
+        self,
+        request_id: str,
+        message_id: str,
+        envelope_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+        now: float,
+    ) -> None:
         """Keep the rendered bytes, so every retry sends exactly the same message."""
         with self.transaction() as db:
             db.execute(
                 "update requests set message_id = ?, envelope_from = ?, recipients = ?,"
                 " message = ?, updated_at = ? where id = ?",
-                (message_id, envelope_from, orjson.dumps(list(recipients)), message, now,
-                 request_id),
-            )  # fmt: skip
+                (
+                    message_id,
+                    envelope_from,
+                    orjson.dumps(list(recipients)),
+                    message,
+                    now,
+                    request_id,
+                ),
+            )
 
     def start_attempt(self, request_id: str, number: int, now: float) -> None:
         """Mark the request as in flight before the first byte goes to the server."""
@@ -197,10 +219,20 @@ class Spool:
                 (request_id, number, now),
             )
 
-    def finish(self, request_id: str, state: str, *, now: float, next_attempt_at: float | None = None,
-               reply: str, code: int | None = None, number: int | None = None,
-               recipients: Sequence[str] | None = None, delivered: Sequence[str] = (),
-               refused: dict[str, str] | None = None) -> None:
+    def finish(
+        self,
+        request_id: str,
+        state: str,
+        *,
+        now: float,
+        next_attempt_at: float | None = None,
+        reply: str,
+        code: int | None = None,
+        number: int | None = None,
+        recipients: Sequence[str] | None = None,
+        delivered: Sequence[str] = (),
+        refused: dict[str, str] | None = None,
+    ) -> None:
         """Record the end of an attempt (or a render failure) and the request's new state."""
         assert state in STATES
         with self.transaction() as db:
@@ -208,11 +240,17 @@ class Spool:
                 "update requests set state = ?, next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_reply = ?, recipients = coalesce(?, recipients), delivered = ?,"
                 " refused = coalesce(?, refused), updated_at = ? where id = ?",
-                (state, next_attempt_at, reply,
-                 None if recipients is None else orjson.dumps(list(recipients)),
-                 orjson.dumps(list(delivered)), None if refused is None else orjson.dumps(refused),
-                 now, request_id),
-            )  # fmt: skip
+                (
+                    state,
+                    next_attempt_at,
+                    reply,
+                    None if recipients is None else orjson.dumps(list(recipients)),
+                    orjson.dumps(list(delivered)),
+                    None if refused is None else orjson.dumps(refused),
+                    now,
+                    request_id,
+                ),
+            )
             if number is not None:
                 db.execute(
                     "update attempts set finished_at = ?, outcome = ?, code = ?, reply = ?"
@@ -256,10 +294,17 @@ class Spool:
 
 def _row(r: tuple[Any, ...]) -> Row:
     return Row(
-        id=r[0], template=r[1], request=r[2], created_at=r[3], attempts=r[4], envelope_from=r[5],
-        recipients=None if r[6] is None else orjson.loads(r[6]), delivered=orjson.loads(r[7]),
-        refused=orjson.loads(r[8]), message=r[9],
-    )  # fmt: skip
+        id=r[0],
+        template=r[1],
+        request=r[2],
+        created_at=r[3],
+        attempts=r[4],
+        envelope_from=r[5],
+        recipients=None if r[6] is None else orjson.loads(r[6]),
+        delivered=orjson.loads(r[7]),
+        refused=orjson.loads(r[8]),
+        message=r[9],
+    )
 
 
 def now() -> float:

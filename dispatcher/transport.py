@@ -12,6 +12,7 @@ per recipient), so the service loop decides with a `match` on values instead of 
 """
 
 import asyncio
+import email.utils
 import logging
 import time
 from collections.abc import Sequence
@@ -91,10 +92,19 @@ class SmtpConnection:
         rcpts = tuple(dict.fromkeys(recipients))  # a repeated RCPT would only confuse the count
         if not rcpts:
             raise ValueError("deliver() needs at least one recipient")
+        if _rewritten(envelope_from):
+            reply = f"ValueError: not a plain envelope address: {envelope_from!r}"
+            return _everyone(rcpts, deferred=False, code=None, reply=reply)
+        bad = {
+            r: f"ValueError: not a plain envelope address: {r!r}" for r in rcpts if _rewritten(r)
+        }
+        good = tuple(r for r in rcpts if r not in bad)
+        if not good:
+            return Attempt((), {}, bad, None, next(iter(bad.values())))
         async with self._lock:
-            attempt = await self._deliver(envelope_from, rcpts, data)
+            attempt = await self._deliver(envelope_from, good, data)
         self._used_at = time.monotonic()
-        return self._scrubbed(attempt)
+        return self._scrubbed(replace(attempt, refused={**bad, **attempt.refused}))
 
     async def close(self) -> None:
         """Say QUIT (briefly) and close; the next `deliver()` would open a new connection."""
@@ -230,6 +240,16 @@ def _everyone(rcpts: tuple[str, ...], *, deferred: bool, code: int | None, reply
     if deferred:
         return Attempt((), reasons, {}, code, reply)
     return Attempt((), {}, reasons, code, reply)
+
+
+def _rewritten(address: str) -> bool:
+    """Whether aiosmtplib would put another address on the wire than the one given.
+
+    It routes every address through `email.utils.parseaddr`, which quietly picks the first
+    plausible address of a string such as "a@x, b@y" or "a@x\\r\\nRCPT TO:<b@y>"; the outcome
+    would then be reported for an address the message never went to.
+    """
+    return email.utils.parseaddr(address)[1] != address
 
 
 def _format(code: int, message: str) -> str:

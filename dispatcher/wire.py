@@ -28,16 +28,13 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
 # Headers the dispatcher writes itself; a request may not set or duplicate them.
 RESERVED_HEADERS = frozenset(
-    name.lower()
-    for name in (
-        "From", "To", "Cc", "Bcc", "Reply-To", "Sender", "Subject", "Date", "Message-ID",
-        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Return-Path", "Received",
-    )
-)  # fmt: skip
+    "from to cc bcc reply-to sender subject date message-id mime-version content-type"
+    " content-transfer-encoding return-path received".split()
+)
 FIELDS = frozenset(
-    {"v", "id", "client", "template", "to", "context", "cc", "bcc", "reply_to", "sender",
-     "headers", "attachments", "send_at", "priority", "idempotency_key", "locale"}
-)  # fmt: skip
+    "v id client template to context cc bcc reply_to sender headers attachments send_at"
+    " priority idempotency_key locale".split()
+)
 ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
 
 
@@ -136,7 +133,9 @@ def validate(fields: object) -> Request:
         send_at=_send_at(fields.get("send_at")),
         priority=_priority(fields.get("priority", "normal")),
         idempotency_key=_optional_str(fields, "idempotency_key"),
-        locale=_optional_str(fields, "locale", re.compile(r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")),
+        locale=_optional_str(
+            fields, "locale", re.compile(r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")
+        ),
         client=_optional_str(fields, "client", REQUEST_ID),
         **lists,
     )
@@ -228,7 +227,10 @@ def _attachments(value: object) -> tuple[Attachment, ...]:
         where = f"attachments[{i}]"
         if not isinstance(item, dict) or not {"filename", "data"} <= set(item):
             raise InvalidRequest(f"{where}: expected an object with 'filename' and 'data'")
-        filename, content_type = item["filename"], item.get("content_type", "application/octet-stream")
+        filename, content_type = (
+            item["filename"],
+            item.get("content_type", "application/octet-stream"),
+        )
         if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
             raise InvalidRequest(f"{where}.filename: expected a plain file name")
         check_header_text(filename, f"{where}.filename")
@@ -261,7 +263,9 @@ def _priority(value: object) -> str:
     return str(value)
 
 
-def _optional_str(fields: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+def _optional_str(
+    fields: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None
+) -> str | None:
     value = fields.get(name)
     if value is None:
         return None

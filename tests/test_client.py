@@ -41,9 +41,13 @@ def receive(socket: zmq.Socket[bytes]) -> dict[str, object]:
 def test_enqueue_sends_one_frame_with_the_request(pull: tuple[zmq.Socket[bytes], str]) -> None:
     socket, _ = pull
     request_id = dispatcher.enqueue_email(
-        "welcome", to=["Ada <ada@example.com>"], context={"price": Decimal("9.90"), "n": 3},
-        send_at=datetime(2030, 1, 1, tzinfo=UTC), priority="high", attachments=[("a.txt", b"hi")],
-    )  # fmt: skip
+        "welcome",
+        to=["Ada <ada@example.com>"],
+        context={"price": Decimal("9.90"), "n": 3},
+        send_at=datetime(2030, 1, 1, tzinfo=UTC),
+        priority="high",
+        attachments=[("a.txt", b"hi")],
+    )
     data = receive(socket)
     assert data["id"] == request_id
     assert data["context"] == {"price": "9.90", "n": 3}
@@ -58,11 +62,23 @@ def test_enqueue_sends_one_frame_with_the_request(pull: tuple[zmq.Socket[bytes],
     [
         ({"to": "bob"}, InvalidRequest, "not a valid address"),
         ({"to": []}, InvalidRequest, "at least one recipient"),
-        ({"to": "a@example.com", "headers": {"X-A": "1\r\nBcc: e@evil.com"}}, InvalidRequest, "control"),
+        (
+            {"to": "a@example.com", "headers": {"X-A": "1\r\nBcc: e@evil.com"}},
+            InvalidRequest,
+            "control",
+        ),
         ({"to": "a@example.com", "priority": "asap"}, InvalidRequest, "priority"),
         ({"to": "a@example.com", "context": {"f": open}}, InvalidRequest, "cannot be encoded"),
-        ({"to": "a@example.com", "context": {"x": "y" * 5_000_000}}, RequestTooLarge, "over the limit"),
-        ({"to": "a@example.com", "send_at": datetime(2030, 1, 1)}, InvalidRequest, "timezone-aware"),
+        (
+            {"to": "a@example.com", "context": {"x": "y" * 5_000_000}},
+            RequestTooLarge,
+            "over the limit",
+        ),
+        (
+            {"to": "a@example.com", "send_at": datetime(2030, 1, 1)},
+            InvalidRequest,
+            "timezone-aware",
+        ),
     ],
 )
 def test_input_that_can_never_be_sent_raises_value_error(
@@ -88,9 +104,11 @@ def test_daemon_down_neither_raises_nor_blocks(caplog: pytest.LogCaptureFixture)
 
 
 def test_import_stays_light() -> None:
-    code = ("import sys, dispatcher; "
-            "print(sorted(m for m in ('jinja2', 'aiosmtplib', 'sqlite3', 'email_validator') "
-            "if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys, dispatcher; "
+        "print(sorted(m for m in ('jinja2', 'aiosmtplib', 'sqlite3', 'email_validator') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -116,7 +134,9 @@ def test_forked_child_uses_its_own_socket(pull: tuple[zmq.Socket[bytes], str]) -
 
 
 def test_process_exits_promptly_with_the_daemon_down(tmp_path: Path) -> None:
-    code = ("import dispatcher; dispatcher.configure(None, client={'connect': ['tcp://127.0.0.1:9']});"
-            "dispatcher.enqueue_email('welcome', to='a@example.com')")  # fmt: skip
+    code = (
+        "import dispatcher; dispatcher.configure(None, client={'connect': ['tcp://127.0.0.1:9']});"
+        "dispatcher.enqueue_email('welcome', to='a@example.com')"
+    )
     # Bounded linger: exiting must not hang on the undeliverable request.
     subprocess.run([sys.executable, "-c", code], timeout=20, check=True, capture_output=True)

@@ -39,12 +39,18 @@ def test_paths_are_relative_to_the_settings_file(tmp_path: Path) -> None:
         ("smtp:\n  port: abc\n", "smtp.port: expected an integer, got str 'abc'"),
         ("smtp:\n  prot: 25\n", "smtp.prot: unknown key"),
         ("smtpp:\n  port: 25\n", "smtpp: unknown key"),
-        ("smtp:\n  security: on\n", "smtp.security: expected one of none, starttls, tls, got bool True"),
+        (
+            "smtp:\n  security: on\n",
+            "smtp.security: expected one of none, starttls, tls, got bool True",
+        ),
         ("retry:\n  backoff: [30]\n", "retry.backoff: expected a list of 2 items, got 1"),
         ("retry:\n  backoff: [60, 30]\n", "retry.backoff: expected [first, longest]"),
         ("retry:\n  attempts: 2.5\n", "retry.attempts: expected an integer"),
         ("client:\n  connect: [5559]\n", "client.connect[0]: expected a string, got int 5559"),
-        ("client:\n  connect: [127.0.0.1:5559]\n", "client.connect[0]: '127.0.0.1:5559' is not a tcp://"),
+        (
+            "client:\n  connect: [127.0.0.1:5559]\n",
+            "client.connect[0]: '127.0.0.1:5559' is not a tcp://",
+        ),
         ("mail:\n  from: not an address\n", "mail.from: 'not an address' is not a valid address"),
         ("smtp: 25\n", "smtp: expected a section (mapping), got int 25"),
         ("- a\n- b\n", "expected a mapping of sections"),
@@ -77,8 +83,11 @@ def test_environment_mistakes_name_the_key(tmp_path: Path) -> None:
 
 
 def test_overrides_merge_into_sections(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, "smtp:\n  port: 2525\n"),
-                             {"smtp": {"connections": 2}, "retry__attempts": 3}, environ={})  # fmt: skip
+    settings = load_settings(
+        write(tmp_path, "smtp:\n  port: 2525\n"),
+        {"smtp": {"connections": 2}, "retry__attempts": 3},
+        environ={},
+    )
     assert (settings.smtp.port, settings.smtp.connections, settings.retry.attempts) == (2525, 2, 3)
 
 
@@ -95,8 +104,9 @@ def test_settings_are_frozen() -> None:
         settings.smtp.port = 1  # type: ignore[misc]
 
 
-def test_password_comes_from_environment_or_file(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_password_comes_from_environment_or_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")
     settings = load_settings(write(tmp_path, f"smtp:\n  password_file: {secret}\n"), environ={})

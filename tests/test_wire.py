@@ -25,17 +25,34 @@ def test_minimal_foreign_frame_gets_an_id_and_defaults() -> None:
 
 def test_full_request_round_trips_through_its_wire_form() -> None:
     fields = {
-        "id": "abc-1", "client": "web-1", "to": ["Ada Lovelace <ada@example.com>", "bob@example.org"],
-        "cc": "cc@example.com", "bcc": ["hidden@example.com"], "reply_to": "help@example.com",
-        "sender": "Shop <shop@example.com>", "headers": {"X-Campaign": "spring"},
-        "attachments": [{"filename": "a.csv", "content_type": "text/csv",
-                         "data": base64.b64encode(b"a,b\n").decode()}],
-        "send_at": "2030-01-01T10:00:00+01:00", "priority": "high", "idempotency_key": "order-7",
-        "locale": "de-AT", "context": {"name": "Zoë <O'Brien> & Co"},
-    }  # fmt: skip
+        "id": "abc-1",
+        "client": "web-1",
+        "to": ["Ada Lovelace <ada@example.com>", "bob@example.org"],
+        "cc": "cc@example.com",
+        "bcc": ["hidden@example.com"],
+        "reply_to": "help@example.com",
+        "sender": "Shop <shop@example.com>",
+        "headers": {"X-Campaign": "spring"},
+        "attachments": [
+            {
+                "filename": "a.csv",
+                "content_type": "text/csv",
+                "data": base64.b64encode(b"a,b\n").decode(),
+            }
+        ],
+        "send_at": "2030-01-01T10:00:00+01:00",
+        "priority": "high",
+        "idempotency_key": "order-7",
+        "locale": "de-AT",
+        "context": {"name": "Zoë <O'Brien> & Co"},
+    }
     request = wire.decode(frame(**fields))
-    assert request.recipients == ["ada@example.com", "bob@example.org", "cc@example.com",
-                                  "hidden@example.com"]  # fmt: skip
+    assert request.recipients == [
+        "ada@example.com",
+        "bob@example.org",
+        "cc@example.com",
+        "hidden@example.com",
+    ]
     assert request.attachments[0].content == b"a,b\n"
     assert request.send_at == datetime(2030, 1, 1, 9, tzinfo=UTC)
     assert wire.decode(orjson.dumps(wire.to_fields(request))) == request
@@ -44,7 +61,9 @@ def test_full_request_round_trips_through_its_wire_form() -> None:
 def test_encode_turns_python_values_into_json() -> None:
     moment = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
     uid = UUID(int=7)
-    data = orjson.loads(wire.encode({"context": {"at": moment, "price": Decimal("9.90"), "id": uid}}))
+    data = orjson.loads(
+        wire.encode({"context": {"at": moment, "price": Decimal("9.90"), "id": uid}})
+    )
     assert data["context"] == {"at": "2030-01-01T09:30:00+00:00", "price": "9.90", "id": str(uid)}
 
 
@@ -83,9 +102,15 @@ def test_oversize_frame_is_rejected_with_the_limit() -> None:
         (frame(headers={"Bcc": "x@evil.com"}), "headers: Bcc is set by the dispatcher"),
         (frame(headers={"Bad Name": "x"}), "not a valid header name"),
         (frame(priority="urgent"), "priority: 'urgent' is not one of high, normal, low"),
-        (frame(send_at="2030-01-01T10:00:00"), "send_at: expected an ISO 8601 time with a UTC offset"),
+        (
+            frame(send_at="2030-01-01T10:00:00"),
+            "send_at: expected an ISO 8601 time with a UTC offset",
+        ),
         (frame(context=[1]), "context: expected an object, got list"),
-        (frame(attachments=[{"filename": "../x", "data": ""}]), "filename: expected a plain file name"),
+        (
+            frame(attachments=[{"filename": "../x", "data": ""}]),
+            "filename: expected a plain file name",
+        ),
         (frame(attachments=[{"filename": "x", "data": "***"}]), "data: expected base64"),
         (frame(id="has space"), "id: 'has space' is not valid"),
     ],

@@ -1,0 +1,192 @@
+"""End to end: enqueue_email() -> real daemon process -> SQLite spool -> real SMTP server."""
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+import dispatcher
+from dispatcher import client
+from tests.daemon import DaemonProcess, run_cli, write_settings
+from tests.smtp_server import SmtpServer, free_port
+
+StartDaemon = Callable[[Path], DaemonProcess]
+NAME = "Zoë <b>O'Brien</b> & Søn"
+
+
+@pytest.fixture(autouse=True)
+def fresh_client() -> Iterator[None]:
+    yield
+    client._state.close()
+
+
+def enqueue(daemon: DaemonProcess, n: int, **kwargs: object) -> list[str]:
+    dispatcher.configure(daemon.settings_path)
+    ids = []
+    for i in range(n):
+        options = {
+            "to": f"user{i}@example.com",
+            "context": {"name": f"{NAME} {i}", "activate_url": f"https://example.com/a/{i}"},
+            **kwargs,
+        }
+        ids.append(dispatcher.enqueue_email("welcome", **options))  # type: ignore[arg-type]
+    assert dispatcher.flush(5.0)
+    return ids
+
+
+def test_300_requests_arrive_once_each_correctly_rendered(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    ids = enqueue(daemon, 300)
+    messages = smtp_server.wait_for(300, timeout=60)
+    daemon.wait_for_counts(sent=300, queued=0, retry=0)
+    assert daemon.stop() == 0
+    assert len(messages) == 300
+    ids_seen = Counter(m.message_id.strip("<>").split("@")[0] for m in messages if m.message_id)
+    assert set(ids_seen) == set(ids) and max(ids_seen.values()) == 1
+    for message in messages:
+        i = int(message.rcpt_tos[0].removeprefix("user").split("@")[0])
+        parsed = message.message
+        assert parsed["Subject"] == f"Welcome to Example, {NAME} {i}!"
+        assert parsed.get_content_type() == "multipart/alternative"
+        html = parsed.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert "Zoë &lt;b&gt;O&#39;Brien&lt;/b&gt; &amp; Søn" in html and "<b>O'Brien" not in html
+        assert f"{NAME} {i}" in text
+        assert f"https://example.com/a/{i}" in text
+        assert "<table" in html  # the shared layout wraps the body
+        assert parsed["From"] == "Example <noreply@example.com>"
+    assert "stopped:" in daemon.log
+
+
+GARBAGE = [
+    b"sending 0",  # the original PUSH/PULL example's payload
+    b"",
+    b"\xff\xfe\xfa not utf-8",
+    b'{"v": 1, "template": "welcome", "to": ',
+    b"[1, 2, 3]",
+    b'{"template": "welcome", "to": "a@example.com"}',
+    b'{"v": 9, "template": "welcome", "to": "a@example.com"}',
+    b'{"v": 1, "to": "a@example.com"}',
+    b'{"v": 1, "template": "welcome"}',
+    b'{"v": 1, "template": "no_such_template", "to": "a@example.com"}',
+    b'{"v": 1, "template": "../../etc/passwd", "to": "a@example.com"}',
+    b'{"v": 1, "template": "welcome", "to": "not an address"}',
+    b'{"v": 1, "template": "welcome", "to": "a@example.com",'
+    b' "headers": {"X-A": "1\\r\\nBcc: e@x.com"}}',
+    b'{"v": 1, "template": "welcome", "to": "a@example.com", "priority": "urgent"}',
+    b'{"v": 1, "template": "welcome", "to": "a@example.com", "context": "'
+    + b"x" * 5_000_000
+    + b'"}',
+]
+
+
+def test_garbage_frames_are_rejected_counted_and_the_daemon_keeps_running(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    port = free_port()
+    daemon = start_daemon(
+        write_settings(tmp_path, smtp_server.port, intake={"bind": f"tcp://127.0.0.1:{port}"})
+    )
+    # A seed-style sender: a plain PUSH socket, no client library, one JSON frame per request.
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.linger = 5000
+        push.connect(f"tcp://127.0.0.1:{port}")
+        for frame in GARBAGE:
+            push.send(frame)
+        valid = {
+            "v": 1,
+            "template": "welcome",
+            "to": "seed@example.com",
+            "context": {"name": "Seed", "activate_url": "https://example.com/s"},
+        }
+        push.send(orjson.dumps(valid))
+        (message,) = smtp_server.wait_for(1, timeout=30)
+    assert message.rcpt_tos == ("seed@example.com",)
+    counts = daemon.wait_for_counts(rejected=len(GARBAGE), sent=1)
+    assert daemon.process.poll() is None
+    assert counts["queued"] == 0
+    assert "rejected: template: unknown template 'no_such_template'" in daemon.log
+    assert "over the limit" in daemon.log
+    assert daemon.stop() == 0
+
+
+def test_smtp_down_then_451_twice_per_message_every_mail_arrives_once(
+    tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    server = SmtpServer(port=free_port())  # not started: the mail server is down at first
+    daemon = start_daemon(write_settings(tmp_path, server.port))
+    ids = enqueue(daemon, 10)
+    daemon.wait_for_log("retry ")
+    server.fail_data_per_message(times=2, reply="451 4.3.0 Try again later")
+    with server:
+        messages = server.wait_for(10, timeout=60)
+        daemon.wait_for_counts(sent=10, retry=0, queued=0)
+        attempts = server.data_attempts
+    received = Counter(m.message_id for m in messages)
+    assert len(received) == 10 and set(received.values()) == {1}
+    assert {mid.strip("<>").split("@")[0] for mid in received if mid} == set(ids)
+    # The same Message-ID (so the same rendered bytes) was offered three times each.
+    per_message = Counter(key for key, _ in attempts)
+    assert all(per_message[mid] == 3 for mid in received)
+    assert daemon.stop() == 0
+
+
+def test_550_recipient_is_dead_with_the_reply_and_the_others_are_sent(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    smtp_server.refuse_recipient("gone@example.com", "550 5.1.1 No such user")
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    dispatcher.configure(daemon.settings_path)
+    context = {"name": "Ada", "activate_url": "https://example.com/a"}
+    dead_id = dispatcher.enqueue_email("welcome", to="gone@example.com", context=context)
+    dispatcher.enqueue_email("welcome", to=["gone@example.com", "ok@example.com"], context=context)
+    daemon.wait_for_counts(dead=1, sent=1)
+    (message,) = smtp_server.messages
+    assert message.rcpt_tos == ("ok@example.com",)
+    status = orjson.loads(run_cli("status", "--json", settings=daemon.settings_path).stdout)
+    (failure,) = [f for f in status["recent_failures"] if f["state"] == "dead"]
+    assert failure["id"] == dead_id and "550 5.1.1 No such user" in failure["reason"]
+    assert status["counts"]["dead"] == 1
+    assert daemon.stop() == 0
+
+
+def test_template_error_makes_the_request_dead_with_file_and_line(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    templates = tmp_path / "templates" / "broken"
+    templates.mkdir(parents=True)
+    (templates / "subject.txt").write_text("Hello")
+    (templates / "body.txt").write_text("line one\n{{ missing.attribute }}\n")
+    settings = write_settings(tmp_path, smtp_server.port, templates={"dir": "templates"})
+    daemon = start_daemon(settings)
+    dispatcher.configure(settings)
+    dispatcher.enqueue_email("broken", to="a@example.com")
+    daemon.wait_for_counts(dead=1)
+    status = orjson.loads(run_cli("status", "--json", settings=settings).stdout)
+    reason = status["recent_failures"][0]["reason"]
+    assert "broken/body.txt:2" in reason and "'missing' is undefined" in reason
+    assert daemon.stop() == 0
+
+
+def test_queued_requests_survive_a_restart(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    server = SmtpServer(port=free_port())
+    settings = write_settings(tmp_path, server.port, retry={"backoff": [0.05, 0.2]})
+    first = start_daemon(settings)
+    # Not due yet when the first daemon stops, so they are still queued in its spool.
+    future = enqueue(first, 5, send_at=datetime.now(UTC) + timedelta(seconds=3))
+    first.wait_for_counts(queued=5)
+    assert first.stop() == 0
+    with server:
+        second = start_daemon(settings)
+        messages = server.wait_for(5, timeout=30)
+        assert {m.message_id.strip("<>").split("@")[0] for m in messages if m.message_id} == set(
+            future
+        )
+        second.wait_for_counts(sent=5)
+        assert second.stop() == 0
