@@ -32,17 +32,22 @@ create table if not exists requests (
     created_at real not null,
     next_attempt_at real not null,
     attempts integer not null default 0,
-    envelope_from text,                 -- set with the rendered message
     recipients text,                    -- JSON list still to deliver; null until rendered
     delivered text not null default '[]',
     refused text not null default '{}', -- JSON {recipient: reply} of permanent refusals
-    message_id text,
-    message blob,                       -- rendered once; every retry sends these bytes
     last_reply text,
     maybe_duplicate integer not null default 0,
     updated_at real not null
 );
 create index if not exists requests_due on requests (state, priority, next_attempt_at);
+-- Rendered once, written once; every retry sends these bytes. Kept apart from `requests` so
+-- the frequent state updates there do not rewrite a message-sized row each time.
+create table if not exists messages (
+    request_id text primary key references requests (id) on delete cascade,
+    message_id text not null,
+    envelope_from text not null,
+    data blob not null
+);
 create table if not exists attempts (
     request_id text not null references requests (id) on delete cascade,
     number integer not null,
@@ -76,6 +81,7 @@ class Row:
     delivered: list[str]
     refused: dict[str, str]
     message: bytes | None
+    message_id: str | None
 
 
 class Spool:
@@ -89,6 +95,7 @@ class Spool:
         self.db.execute("pragma journal_mode=wal")  # readers (status) never block the writer
         # FULL: a committed batch survives power loss, which is what a receipt promises.
         self.db.execute("pragma synchronous=full")
+        self.durable = True
         self.db.execute("pragma foreign_keys=on")
         # One transaction, so two processes opening a new spool at once cannot interleave.
         self.db.executescript(f"begin immediate; {SCHEMA} commit;")
@@ -103,8 +110,16 @@ class Spool:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on any exception.
+
+        `durable=False` skips the fsync (synchronous=NORMAL): still safe against a crash of
+        the process, and a power loss can only undo delivery bookkeeping, which at worst
+        sends a message again. Accepting a request is always durable.
+        """
+        if durable != self.durable:
+            self.db.execute(f"pragma synchronous={'full' if durable else 'normal'}")
+            self.durable = durable
         self.db.execute("begin immediate")
         try:
             yield self.db
@@ -169,7 +184,8 @@ class Spool:
         """Waiting requests whose time has come, most urgent first, minus those in hand."""
         rows = self.db.execute(
             "select id, template, request, created_at, attempts, envelope_from, recipients,"
-            " delivered, refused, message from requests"
+            " delivered, refused, data, message_id from requests"
+            " left join messages on messages.request_id = requests.id"
             " where state in ('queued', 'retry') and next_attempt_at <= ?"
             " order by priority, next_attempt_at limit ?",
             (now, limit + len(exclude)),
@@ -183,40 +199,23 @@ class Spool:
         ).fetchone()
         return float(when) if when is not None else None
 
-    def save_rendered(
-        self,
-        request_id: str,
-        message_id: str,
-        envelope_from: str,
-        recipients: Sequence[str],
-        message: bytes,
-        now: float,
-    ) -> None:
-        """Keep the rendered bytes, so every retry sends exactly the same message."""
-        with self.transaction() as db:
+    def start_attempt(self, row: Row, number: int, now: float) -> None:
+        """Mark the request as in flight before the first byte goes to the server, keeping
+        its rendered bytes (on the first attempt) so every retry sends the same message."""
+        with self.transaction(durable=False) as db:
             db.execute(
-                "update requests set message_id = ?, envelope_from = ?, recipients = ?,"
-                " message = ?, updated_at = ? where id = ?",
-                (
-                    message_id,
-                    envelope_from,
-                    orjson.dumps(list(recipients)),
-                    message,
-                    now,
-                    request_id,
-                ),
+                "update requests set state = 'sending', attempts = ?, recipients = ?,"
+                " updated_at = ? where id = ?",
+                (number, orjson.dumps(row.recipients), now, row.id),
             )
-
-    def start_attempt(self, request_id: str, number: int, now: float) -> None:
-        """Mark the request as in flight before the first byte goes to the server."""
-        with self.transaction() as db:
-            db.execute(
-                "update requests set state = 'sending', attempts = ?, updated_at = ? where id = ?",
-                (number, now, request_id),
+            db.execute(  # a no-op after the first attempt: the message is never re-rendered
+                "insert or ignore into messages (request_id, message_id, envelope_from, data)"
+                " values (?, ?, ?, ?)",
+                (row.id, row.message_id, row.envelope_from, row.message),
             )
             db.execute(
                 "insert or replace into attempts (request_id, number, started_at) values (?, ?, ?)",
-                (request_id, number, now),
+                (row.id, number, now),
             )
 
     def finish(
@@ -235,7 +234,7 @@ class Spool:
     ) -> None:
         """Record the end of an attempt (or a render failure) and the request's new state."""
         assert state in STATES
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.execute(
                 "update requests set state = ?, next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_reply = ?, recipients = coalesce(?, recipients), delivered = ?,"
@@ -304,6 +303,7 @@ def _row(r: tuple[Any, ...]) -> Row:
         delivered=orjson.loads(r[7]),
         refused=orjson.loads(r[8]),
         message=r[9],
+        message_id=r[10],
     )
 
 
