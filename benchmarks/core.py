@@ -63,8 +63,13 @@ def bench_enqueue(daemon: DaemonProcess, calls: int) -> None:
         dispatcher.enqueue_email("welcome", to=f"user{i}@example.com", context=CONTEXT)
 
     enqueue(0)  # create the socket outside the measurement
-    frame_fields = {"v": 1, "id": "x" * 32, "template": "welcome", "to": "user0@example.com",
-                    "context": CONTEXT}  # fmt: skip
+    frame_fields = {
+        "v": 1,
+        "id": "x" * 32,
+        "template": "welcome",
+        "to": "user0@example.com",
+        "context": CONTEXT,
+    }
     push = client._state.get().socket
 
     def raw(i: int) -> None:
@@ -114,13 +119,24 @@ def wait_spool(spool_path: Path, total: int, states: tuple[str, ...], timeout: f
 
 def bench_delivery(folder: Path, mails: int, connections: int) -> None:
     port = free_port()
-    sink = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
-                             "-c", "aiosmtpd.handlers.Sink"])  # fmt: skip
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Sink",
+        ]
+    )
     try:
         time.sleep(1.0)  # the sink has no readiness signal; it starts in well under a second
         renderer = Renderer(ROOT / "templates", "Example <noreply@example.com>")
-        request = validate({"v": 1, "template": "welcome", "to": "user@example.com",
-                            "context": CONTEXT})  # fmt: skip
+        request = validate(
+            {"v": 1, "template": "welcome", "to": "user@example.com", "context": CONTEXT}
+        )
         message = renderer.render(request).data
         ceiling = asyncio.run(blast(port, message, mails, connections))
         settings = write_settings(folder, port, smtp={"connections": connections, "timeout": 30})
@@ -141,8 +157,10 @@ def bench_delivery(folder: Path, mails: int, connections: int) -> None:
         sink.wait()
     print(f"\n{mails:,} templated mails, {connections} SMTP connections, aiosmtpd sink")
     print(f"  {'ceiling: aiosmtplib blasting prebuilt bytes':<48}{ceiling:8.0f} mails/s")
-    print(f"  {'dispatcher end to end (enqueue -> sent in spool)':<48}{rate:8.0f} mails/s"
-          f"  ({rate / ceiling:.0%} of the ceiling)")  # fmt: skip
+    print(
+        f"  {'dispatcher end to end (enqueue -> sent in spool)':<48}{rate:8.0f} mails/s"
+        f"  ({rate / ceiling:.0%} of the ceiling)"
+    )
     print(f"  daemon CPU: {cpu / mails * 1000:.2f} s per 1,000 mails (incl. start-up)")
 
 
@@ -166,8 +184,10 @@ def main() -> None:
         finally:
             daemon.stop()
         bench_delivery(second, args.mails, args.connections)
-    print(f"\n(single runs: run several times and compare the ratios; "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")  # fmt: skip
+    print(
+        f"\n(single runs: run several times and compare the ratios; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

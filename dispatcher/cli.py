@@ -160,8 +160,12 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
     age = None if oldest is None else round(time.time() - oldest, 1)
     if args.json:
-        report = {"counts": counts, "oldest_waiting_seconds": age, "recent_failures": failures,
-                  "spool": str(settings.spool.path)}  # fmt: skip
+        report = {
+            "counts": counts,
+            "oldest_waiting_seconds": age,
+            "recent_failures": failures,
+            "spool": str(settings.spool.path),
+        }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"spool {settings.spool.path}")

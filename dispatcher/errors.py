@@ -31,3 +31,7 @@ class TemplateError(DispatcherError):
     def __init__(self, message: str, location: str | None = None) -> None:
         super().__init__(f"{location}: {message}" if location else message)
         self.location = location
+
+
+class StartupError(DispatcherError):
+    """Raised when the daemon cannot start: a socket cannot be bound, the spool not opened."""

@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from dispatcher import wire
 from dispatcher.backoff import retry_delay
-from dispatcher.errors import InvalidRequest, TemplateError
+from dispatcher.errors import InvalidRequest, StartupError, TemplateError
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
 from dispatcher.spool import Row, Spool, now
@@ -80,6 +80,8 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if not settings.templates.dir.is_dir():
+            raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_)
         self.spool = Spool(settings.spool.path)
         self.context = zmq.asyncio.Context()
@@ -91,7 +93,11 @@ class Daemon:
         # A deep receive queue absorbs bursts (the spool drains ~100k frames/s) instead of
         # pushing back on clients, whose sends would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self.pull.bind(settings.intake.bind)
+        try:
+            self.pull.bind(settings.intake.bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise StartupError(f"intake.bind: cannot bind {settings.intake.bind}: {exc}") from None
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()

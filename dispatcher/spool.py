@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from dispatcher.errors import StartupError
 from dispatcher.wire import PRIORITIES, Request
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
@@ -88,17 +89,20 @@ class Spool:
     """One connection to the spool file; used from one thread (the daemon's event loop)."""
 
     def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
-        # takes the write lock up front instead of failing half-way with SQLITE_BUSY.
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
-        self.db.execute("pragma journal_mode=wal")  # readers (status) never block the writer
-        # FULL: a committed batch survives power loss, which is what a receipt promises.
-        self.db.execute("pragma synchronous=full")
-        self.durable = True
-        self.db.execute("pragma foreign_keys=on")
-        # One transaction, so two processes opening a new spool at once cannot interleave.
-        self.db.executescript(f"begin immediate; {SCHEMA} commit;")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
+            # takes the write lock up front instead of failing half-way with SQLITE_BUSY.
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
+            self.db.execute("pragma journal_mode=wal")  # readers never block the writer
+            # FULL: a committed batch survives power loss, which is what accepting promises.
+            self.db.execute("pragma synchronous=full")
+            self.durable = True
+            self.db.execute("pragma foreign_keys=on")
+            # One transaction, so two processes creating a new spool cannot interleave.
+            self.db.executescript(f"begin immediate; {SCHEMA} commit;")
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
 
     def close(self) -> None:
         self.db.close()

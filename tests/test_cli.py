@@ -5,6 +5,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import zmq
 
 from tests.daemon import ROOT, DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer
@@ -45,8 +46,9 @@ def test_check_reports_each_failure_as_file_line_message(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("fmt", ["eml", "html", "text"])
 def test_render_prints_what_would_be_sent(fmt: str) -> None:
-    result = run_cli("render", "welcome", "--sample", "long_name", "--format", fmt,
-                     settings=SHIPPED)  # fmt: skip
+    result = run_cli(
+        "render", "welcome", "--sample", "long_name", "--format", fmt, settings=SHIPPED
+    )
     assert result.returncode == 0, result.stderr
     if fmt == "eml":
         message = message_from_bytes(result.stdout.encode(), policy=policy.default)
@@ -61,8 +63,9 @@ def test_render_prints_what_would_be_sent(fmt: str) -> None:
 def test_render_with_a_context_file(tmp_path: Path) -> None:
     context = tmp_path / "ctx.json"
     context.write_text('{"name": "Grace", "activate_url": "https://example.com/g"}')
-    result = run_cli("render", "welcome", "--context", str(context), "--format", "text",
-                     settings=SHIPPED)  # fmt: skip
+    result = run_cli(
+        "render", "welcome", "--context", str(context), "--format", "text", settings=SHIPPED
+    )
     assert result.returncode == 0, result.stderr
     assert "Grace" in result.stdout and "https://example.com/g" in result.stdout
 
@@ -74,17 +77,20 @@ def test_render_with_a_context_file(tmp_path: Path) -> None:
         (["render", "welcome", "--sample", "nope"], "no sample 'nope'"),
         (["render", "welcome", "--format", "text"], "'name' is undefined"),
         (["send", "welcome", "--to", "not-an-address"], "to[0]: 'not-an-address' is not a valid"),
-        (["send", "welcome", "--to", "a@example.com", "--context", "/nonexistent.yaml"],
-         "--context /nonexistent.yaml"),
+        (
+            ["send", "welcome", "--to", "a@example.com", "--context", "/nonexistent.yaml"],
+            "--context /nonexistent.yaml",
+        ),
     ],
-)  # fmt: skip
+)
 def test_user_mistakes_print_one_line_and_exit_2(args: list[str], text: str) -> None:
     assert_one_line_error(run_cli(*args, settings=SHIPPED), text)
 
 
 def test_missing_or_bad_settings_file_is_one_line(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("status", settings=tmp_path / "nope.yaml"),
-                          "settings file not found")  # fmt: skip
+    assert_one_line_error(
+        run_cli("status", settings=tmp_path / "nope.yaml"), "settings file not found"
+    )
     bad = tmp_path / "settings.yaml"
     bad.write_text("smtp:\n  port: twenty-five\n")
     assert_one_line_error(run_cli("check", settings=bad), "smtp.port: expected an integer")
@@ -111,8 +117,9 @@ def test_send_and_status_against_a_running_daemon(
     daemon = start_daemon(settings)
     context = tmp_path / "ctx.yaml"
     context.write_text("name: Ada\nactivate_url: https://example.com/a\n")
-    sent = run_cli("send", "welcome", "--to", "me@example.com", "--context", str(context),
-                   settings=settings)  # fmt: skip
+    sent = run_cli(
+        "send", "welcome", "--to", "me@example.com", "--context", str(context), settings=settings
+    )
     assert sent.returncode == 0, sent.stderr
     request_id = sent.stdout.strip()
     (message,) = smtp_server.wait_for(1)
@@ -121,6 +128,24 @@ def test_send_and_status_against_a_running_daemon(
     human = run_cli("status", settings=settings)
     assert human.returncode == 0 and "sent" in human.stdout
     report = orjson.loads(run_cli("status", "--json", settings=settings).stdout)
-    assert report["counts"] == {"queued": 0, "retry": 0, "sending": 0, "sent": 1, "dead": 0,
-                                "rejected": 0}  # fmt: skip
+    assert report["counts"] == {
+        "queued": 0,
+        "retry": 0,
+        "sending": 0,
+        "sent": 1,
+        "dead": 0,
+        "rejected": 0,
+    }
     assert daemon.stop() == 0
+
+
+def test_run_with_the_intake_address_taken_fails_in_one_line(tmp_path: Path) -> None:
+    with zmq.Context() as context, context.socket(zmq.PULL) as taken:
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        settings = write_settings(tmp_path, 1025, intake={"bind": f"tcp://127.0.0.1:{port}"})
+        assert_one_line_error(run_cli("run", settings=settings), "intake.bind: cannot bind")
+
+
+def test_run_without_a_templates_folder_fails_in_one_line(tmp_path: Path) -> None:
+    settings = write_settings(tmp_path, 1025, templates={"dir": "missing"})
+    assert_one_line_error(run_cli("run", settings=settings), "templates.dir:")

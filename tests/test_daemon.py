@@ -11,6 +11,7 @@ import zmq
 
 import dispatcher
 from dispatcher import client
+from dispatcher.spool import Spool
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
@@ -190,3 +191,35 @@ def test_queued_requests_survive_a_restart(tmp_path: Path, start_daemon: StartDa
         )
         second.wait_for_counts(sent=5)
         assert second.stop() == 0
+
+
+def test_sigterm_lets_a_send_in_flight_finish_and_exits_0(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    smtp_server.slow_reply(seconds=1.5, times=1)
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    enqueue(daemon, 1)
+    daemon.wait_for_counts(sending=1)
+    assert daemon.stop(timeout=30) == 0
+    assert daemon.counts()["sent"] == 1
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_send_cut_short_by_kill_9_is_sent_again_flagged_duplicate(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    smtp_server.slow_reply(seconds=3, times=1)
+    settings = write_settings(tmp_path, smtp_server.port)
+    first = start_daemon(settings)
+    (request_id,) = enqueue(first, 1)
+    first.wait_for_counts(sending=1)
+    first.kill()
+    second = start_daemon(settings)
+    second.wait_for_counts(sent=1)
+    assert "sends were interrupted by a crash" in second.log
+    with Spool(second.settings.spool.path) as spool:
+        (flag,) = spool.db.execute("select maybe_duplicate from requests").fetchone()
+    assert flag == 1
+    # The server may hold it twice (the slow first copy was accepted), never as two messages.
+    assert {m.message_id for m in smtp_server.messages} == {f"<{request_id}@example.com>"}
+    assert second.stop() == 0

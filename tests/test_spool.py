@@ -1,0 +1,84 @@
+"""The spool file: idempotent intake, due order, crash recovery and counts."""
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from dispatcher import wire
+from dispatcher.errors import StartupError
+from dispatcher.spool import Spool
+
+
+def request(request_id: str, **fields: object) -> tuple[wire.Request, bytes]:
+    parsed = wire.validate(
+        {"v": 1, "id": request_id, "template": "welcome", "to": "a@example.com", **fields}
+    )
+    return parsed, orjson.dumps(wire.to_fields(parsed))
+
+
+def test_an_id_or_idempotency_key_already_held_is_ignored(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        assert spool.add([request("a"), request("b", idempotency_key="k")], [], 1.0) == ["a", "b"]
+        assert spool.add(
+            [request("a"), request("c", idempotency_key="k"), request("d")], [], 2.0
+        ) == ["d"]
+        assert spool.counts()["queued"] == 3
+
+
+def test_rejections_are_stored_with_reason_and_excerpt(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        spool.add([], [("not a JSON object", b"x" * 1000)], 5.0)
+        assert spool.counts()["rejected"] == 1
+        (failure,) = spool.recent_failures()
+        assert failure["state"] == "rejected" and failure["reason"] == "not a JSON object"
+        (excerpt,) = spool.db.execute("select excerpt from rejected").fetchone()
+        assert len(excerpt) == 200
+
+
+def test_due_orders_by_priority_then_time_and_honours_send_at(tmp_path: Path) -> None:
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+    with Spool(tmp_path / "s.db") as spool:
+        spool.add(
+            [
+                request("low", priority="low"),
+                request("normal"),
+                request("high", priority="high"),
+                request("future", send_at=later.isoformat()),
+            ],
+            [],
+            100.0,
+        )
+        assert [r.id for r in spool.due(200.0, 10, set())] == ["high", "normal", "low"]
+        assert [r.id for r in spool.due(200.0, 10, {"high"})] == ["normal", "low"]
+        assert spool.next_due_at() == 100.0
+        assert "future" in [r.id for r in spool.due(later.timestamp(), 10, set())]
+
+
+def test_a_send_in_flight_at_a_crash_goes_again_flagged_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Spool(path) as spool:
+        spool.add([request("a")], [], 1.0)
+        (row,) = spool.due(2.0, 1, set())
+        row = replace(
+            row,
+            envelope_from="n@example.com",
+            recipients=["a@example.com"],
+            message=b"bytes",
+            message_id="<a@example.com>",
+        )
+        spool.start_attempt(row, 1, 3.0)
+    with Spool(path) as spool:  # the "restarted daemon"
+        assert spool.requeue_interrupted(4.0) == 1
+        (again,) = spool.due(4.0, 1, set())
+        assert (again.message, again.message_id, again.attempts) == (b"bytes", "<a@example.com>", 1)
+        (flag,) = spool.db.execute("select maybe_duplicate from requests").fetchone()
+        assert flag == 1
+
+
+def test_an_unopenable_spool_is_a_startup_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StartupError, match=r"spool\.path: cannot open"):
+        Spool(tmp_path / "file" / "s.db")
