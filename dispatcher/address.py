@@ -5,6 +5,7 @@ string (`alice@x)<bob@y>` gives alice). We accept exactly two shapes, a bare add
 `Name <address>`, and validate the address part with email-validator.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from dispatcher.errors import InvalidRequest
 _NAME_AND_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
 # C0 controls, DEL and C1 controls: nothing a header value may carry.
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')
+# RFC 5322 dot-atom: what email-validator accepts as an ASCII local part without quotes.
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -69,10 +72,25 @@ def _validate_addr_spec(addr: str, what: str) -> str:
     # light for web apps that import it at boot.
     from email_validator import EmailNotValidError, validate_email
 
+    local, at, domain = addr.rpartition("@")
     try:
+        if at and len(local) <= 64 and len(addr) <= 254 and _DOT_ATOM.match(local):
+            return f"{local}@{_validated_domain(domain)}"
         # No SMTPUTF8 local parts: the stdlib cannot write them into headers, and many relays
         # refuse them; better a clear error at enqueue than a dead request later.
         valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise InvalidRequest(f"{what}: {addr!r} is not a valid address: {exc}") from None
     return str(valid.normalized)
+
+
+@functools.lru_cache(maxsize=4096)
+def _validated_domain(domain: str) -> str:
+    """A domain checked (IDNA, length, labels) and normalised by email-validator, once.
+
+    Domains repeat far more than addresses do, and the domain check is two thirds of
+    email-validator's ~30 µs; a plain ASCII local part needs only the dot-atom pattern.
+    """
+    from email_validator import validate_email
+
+    return str(validate_email(f"x@{domain}", check_deliverability=False).domain)

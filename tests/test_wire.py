@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from dispatcher import wire
+from dispatcher.address import parse_address
 from dispatcher.errors import InvalidRequest, RequestTooLarge
 
 
@@ -119,3 +120,29 @@ def test_bad_frames_are_rejected_with_a_reason(data: bytes, reason: str) -> None
     with pytest.raises(InvalidRequest) as caught:
         wire.decode(data)
     assert reason in str(caught.value)
+
+
+ADDRESS_CORPUS = [
+    "ada@example.com", "Ada.Lovelace+tag@Example.COM", "o'brien@example.co.uk", "a@b",
+    "a..b@example.com", ".a@example.com", "a.@example.com", "a@localhost", "a@-x.com",
+    "a@x..com", "a@exämple.com", "zoë@example.com", "a@xn--exmple-cua.com", "a b@example.com",
+    f"{'x' * 65}@example.com", f"a@{'x' * 64}.com", f"a@{'x.' * 130}com", "a@example.com.",
+    "a@[127.0.0.1]", '"quoted"@example.com', "a@ex_ample.com", "a@123.com", "a@example.c",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ADDRESS_CORPUS)
+def test_the_cached_domain_path_agrees_with_email_validator(text: str) -> None:
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        expected: str | None = str(
+            validate_email(text, check_deliverability=False, allow_smtputf8=False).normalized
+        )
+    except EmailNotValidError:
+        expected = None
+    try:
+        got: str | None = parse_address(text, "to").addr_spec
+    except InvalidRequest:
+        got = None
+    assert got == expected
