@@ -117,7 +117,7 @@ class Daemon:
             await self.pull.poll()  # readable (POLLIN), no timeout
             self.store_pending()
 
-    def store_pending(self) -> None:
+    def store_pending(self) -> int:
         """Drain up to BATCH frames without blocking and commit them in one transaction."""
         frames = []
         for _ in range(BATCH):
@@ -127,6 +127,7 @@ class Daemon:
                 break
         if frames:
             self.store(frames)
+        return len(frames)
 
     def store(self, frames: list[bytes]) -> None:
         accepted, rejected = [], []
@@ -138,9 +139,12 @@ class Daemon:
                 log.warning("rejected: %s (frame of %d bytes)", exc, len(frame))
                 continue
             accepted.append((request, orjson.dumps(wire.to_fields(request))))
-        added = self.spool.add(accepted, rejected, now())
+        added = set(self.spool.add(accepted, rejected, now()))
         for request, _ in accepted:
-            log.info("received %s template=%s", request.id, request.template)
+            if request.id in added:
+                log.info("received %s template=%s", request.id, request.template)
+            else:
+                log.info("duplicate %s ignored: the spool already holds it", request.id)
         self.counts.update(received=len(added), rejected=len(rejected))
         if added:
             self.wake.set()
@@ -163,10 +167,14 @@ class Daemon:
                 await self.queue.put(row)
             if rows:
                 continue
-            next_due = self.spool.next_due_at()
-            timeout = IDLE_WAKE if next_due is None else min(IDLE_WAKE, next_due - now())
+            # Nothing due outside the workers' hands. A due time already past belongs to a row
+            # they hold: a worker finishing wakes us, so waiting for that is not a busy loop.
+            next_due, current = self.spool.next_due_at(), now()
+            timeout = IDLE_WAKE
+            if next_due is not None and next_due > current:
+                timeout = min(IDLE_WAKE, next_due - current)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(timeout, 0.0))
+                await asyncio.wait_for(self.wake.wait(), timeout)
 
     async def work(self) -> None:
         """One delivery worker with its own SMTP connection, kept open between messages."""
@@ -305,7 +313,10 @@ class Daemon:
             await stop.wait()
             log.info("stopping: no new requests; finishing sends in flight")
             intake.cancel()
-            self.store_pending()  # what already arrived is persisted, not dropped
+            # What already arrived is persisted, not dropped: at most RECEIVE_HWM frames.
+            for _ in range(RECEIVE_HWM // BATCH + 1):
+                if self.store_pending() < BATCH:
+                    break
             feeder.cancel()
             await self.stop_workers(workers)
         log.info(
