@@ -107,24 +107,17 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def send(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher import client, wire
+    from dispatcher.client import Client, build_frame
 
-    fields = {
-        "v": wire.VERSION,
-        "id": wire.new_id(),
-        "template": args.template,
-        "to": args.to,
-        "context": _read_context(args.context),
-    }
-    wire.validate(fields)
-    sender = client.Client(settings)
+    request_id, frame = build_frame(args.template, to=args.to, context=_read_context(args.context))
+    sender = Client(settings)
     try:
-        handed_over = sender.send(wire.encode(fields), fields["id"])
+        handed_over = sender.send(frame, request_id)
     finally:
         sender.close()
     if not handed_over:
         return 1
-    print(fields["id"])
+    print(request_id)
     return 0
 
 

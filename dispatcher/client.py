@@ -139,29 +139,33 @@ def enqueue_email(
     Raises `InvalidRequest` (a `ValueError`) for input that could never be sent. Never blocks
     on the daemon and never raises because it is down: that is logged and counted.
     """
-    request_id = wire.new_id()
-    fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "template": template, "to": to}
-    optional = {
-        "context": None if context is None else dict(context),
-        "cc": cc,
-        "bcc": bcc,
-        "reply_to": reply_to,
-        "sender": sender,
-        "headers": None if headers is None else dict(headers),
-        "attachments": None if attachments is None else [_attachment(a) for a in attachments],
-        "send_at": _send_at(send_at),
-        "priority": priority,
-        "idempotency_key": idempotency_key,
-        "locale": locale,
-    }
-    fields.update((k, v) for k, v in optional.items() if v is not None)
-    for name in wire.ADDRESS_LIST_FIELDS:
-        if isinstance(fields.get(name), tuple):
-            fields[name] = list(fields[name])
-    wire.validate(fields)
-    frame = wire.encode(fields)
+    request_id, frame = build_frame(
+        template, to=to, context=context, cc=cc, bcc=bcc, reply_to=reply_to, sender=sender,
+        headers=headers, attachments=attachments, send_at=send_at, priority=priority,
+        idempotency_key=idempotency_key, locale=locale,
+    )  # fmt: skip
     _state.get().send(frame, request_id)
     return request_id
+
+
+def build_frame(template: str, /, **options: Any) -> tuple[str, bytes]:
+    """Validate a request given as `enqueue_email()` arguments; returns its new id and frame."""
+    request_id = wire.new_id()
+    fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "template": template}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "attachments":
+            value = [_attachment(a) for a in value]
+        elif name == "send_at":
+            value = _send_at(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        fields[name] = value
+    wire.validate(fields)
+    return request_id, wire.encode(fields)
 
 
 def flush(timeout: float = 5.0) -> bool:
