@@ -1,11 +1,9 @@
 """A real `dispatcher run` process for end-to-end tests, with its settings file and spool."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +22,8 @@ START_TIMEOUT = 30.0
 
 def write_settings(folder: Path, smtp_port: int, **sections: dict[str, Any]) -> Path:
     """A settings file for one test: ipc sockets in a short folder, fast retries."""
-    # ipc:// paths are limited to ~100 bytes; pytest's tmp_path can be longer.
-    sockets = Path(tempfile.mkdtemp(prefix="dsp-", dir="/tmp"))
+    sockets = folder.resolve()
+    assert len(f"{sockets}/intake") < 100, "ipc:// paths are limited to ~100 bytes"
     data: dict[str, dict[str, Any]] = {
         "intake": {"bind": f"ipc://{sockets}/intake", "acks": f"ipc://{sockets}/acks"},
         "client": {
@@ -140,5 +138,3 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for daemon in started:
         daemon.kill()
-    for daemon in started:
-        shutil.rmtree(Path(daemon.settings.intake.bind.removeprefix("ipc://")).parent, True)
