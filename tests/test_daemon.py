@@ -223,3 +223,20 @@ def test_a_send_cut_short_by_kill_9_is_sent_again_flagged_duplicate(
     # The server may hold it twice (the slow first copy was accepted), never as two messages.
     assert {m.message_id for m in smtp_server.messages} == {f"<{request_id}@example.com>"}
     assert second.stop() == 0
+
+
+def test_a_greylisted_recipient_is_retried_alone_with_the_same_message(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    smtp_server.refuse_recipient("grey@example.com", "450 4.2.0 Greylisted, try later")
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    dispatcher.configure(daemon.settings_path)
+    context = {"name": "Ada", "activate_url": "https://example.com/a"}
+    dispatcher.enqueue_email("welcome", to=["ok@example.com", "grey@example.com"], context=context)
+    daemon.wait_for_log("450 4.2.0 Greylisted")
+    smtp_server.reset_faults()
+    first, second = smtp_server.wait_for(2)
+    daemon.wait_for_counts(sent=1, retry=0)
+    assert (first.rcpt_tos, second.rcpt_tos) == (("ok@example.com",), ("grey@example.com",))
+    assert first.data == second.data
+    assert daemon.stop() == 0
