@@ -17,6 +17,7 @@ from tests.smtp_server import SmtpServer, free_port
 
 StartDaemon = Callable[[Path], DaemonProcess]
 NAME = "Zoë <b>O'Brien</b> & Søn"
+ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
 @pytest.fixture(autouse=True)
@@ -144,9 +145,8 @@ def test_550_recipient_is_dead_with_the_reply_and_the_others_are_sent(
     smtp_server.refuse_recipient("gone@example.com", "550 5.1.1 No such user")
     daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
     dispatcher.configure(daemon.settings_path)
-    context = {"name": "Ada", "activate_url": "https://example.com/a"}
-    dead_id = dispatcher.enqueue_email("welcome", to="gone@example.com", context=context)
-    dispatcher.enqueue_email("welcome", to=["gone@example.com", "ok@example.com"], context=context)
+    dead_id = dispatcher.enqueue_email("welcome", to="gone@example.com", context=ADA)
+    dispatcher.enqueue_email("welcome", to=["gone@example.com", "ok@example.com"], context=ADA)
     daemon.wait_for_counts(dead=1, sent=1)
     (message,) = smtp_server.messages
     assert message.rcpt_tos == ("ok@example.com",)
@@ -231,8 +231,7 @@ def test_a_greylisted_recipient_is_retried_alone_with_the_same_message(
     smtp_server.refuse_recipient("grey@example.com", "450 4.2.0 Greylisted, try later")
     daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
     dispatcher.configure(daemon.settings_path)
-    context = {"name": "Ada", "activate_url": "https://example.com/a"}
-    dispatcher.enqueue_email("welcome", to=["ok@example.com", "grey@example.com"], context=context)
+    dispatcher.enqueue_email("welcome", to=["ok@example.com", "grey@example.com"], context=ADA)
     daemon.wait_for_log("450 4.2.0 Greylisted")
     smtp_server.reset_faults()
     first, second = smtp_server.wait_for(2)
