@@ -239,54 +239,48 @@ class Daemon:
         )
 
     def record(self, row: Row, number: int, attempt: Attempt) -> None:
+        """Store the attempt and the request's new state, and log it in one line."""
         at = now()
         outcome = decide(attempt, row, number, self.settings, at)
-        refused = {**row.refused, **attempt.refused}
-        delivered = [*row.delivered, *attempt.delivered]
-        common = dict(
+        retry_at: float | None = None
+        match outcome:
+            case Sent(reply):
+                state, level, reply, detail = "sent", logging.INFO, reply, f"reply={reply!r}"
+            case Retry(reason, when):
+                retry_at = when
+                state, level, reply, detail = (
+                    "retry",
+                    logging.WARNING,
+                    reason,
+                    f"in {when - at:.1f}s: {reason}",
+                )
+            case Dead(reason):
+                state, level, reply, detail = "dead", logging.ERROR, reason, f"reason={reason!r}"
+        self.spool.finish(
+            row.id,
+            state,
             now=at,
-            reply=attempt.reply,
+            next_attempt_at=retry_at,
+            reply=reply,
             code=attempt.code,
             number=number,
             recipients=list(attempt.deferred),
-            delivered=delivered,
-            refused=refused,
+            delivered=[*row.delivered, *attempt.delivered],
+            refused={**row.refused, **attempt.refused},
         )
         domain = (row.recipients or ["?"])[0].rpartition("@")[2]
-        match outcome:
-            case Sent(reply):
-                self.spool.finish(row.id, "sent", **common)  # type: ignore[arg-type]
-                log.info(
-                    "sent %s template=%s domain=%s attempt=%d reply=%r",
-                    row.id,
-                    row.template,
-                    domain,
-                    number,
-                    reply,
-                )
-            case Retry(reason, retry_at):
-                self.spool.finish(row.id, "retry", next_attempt_at=retry_at, **common)  # type: ignore[arg-type]
-                log.warning(
-                    "retry %s template=%s domain=%s attempt=%d in %.1fs: %s",
-                    row.id,
-                    row.template,
-                    domain,
-                    number,
-                    retry_at - at,
-                    reason,
-                )
-            case Dead(reason):
-                self.spool.finish(row.id, "dead", **{**common, "reply": reason})  # type: ignore[arg-type]
-                log.error(
-                    "dead %s template=%s domain=%s attempt=%d: %s",
-                    row.id,
-                    row.template,
-                    domain,
-                    number,
-                    reason,
-                )
-        self.counts[type(outcome).__name__.lower()] += 1
-        if attempt.refused and not isinstance(outcome, Dead):
+        log.log(
+            level,
+            "%s %s template=%s domain=%s attempt=%d %s",
+            state,
+            row.id,
+            row.template,
+            domain,
+            number,
+            detail,
+        )
+        self.counts[state] += 1
+        if attempt.refused and state != "dead":
             log.error("refused %s: %s", row.id, attempt.refused)
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -18,8 +18,6 @@ from dispatcher.errors import StartupError
 from dispatcher.wire import PRIORITIES, Request
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
-# Rows a delivery worker may pick up; 'sending' rows are in flight (or were, before a crash).
-WAITING = ("queued", "retry")
 EXCERPT_BYTES = 200
 
 SCHEMA = """

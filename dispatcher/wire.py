@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -272,8 +272,3 @@ def _optional_str(
     if not isinstance(value, str) or (pattern and not pattern.match(value)) or len(value) > 200:
         raise InvalidRequest(f"{name}: {value!r} is not valid")
     return value
-
-
-def is_aware(moment: date | datetime) -> bool:
-    """True for a datetime that names an instant (has a UTC offset)."""
-    return isinstance(moment, datetime) and moment.utcoffset() is not None
