@@ -128,7 +128,7 @@ def test_smtp_down_then_451_twice_per_message_every_mail_arrives_once(
     server.fail_data_per_message(times=2, reply="451 4.3.0 Try again later")
     with server:
         messages = server.wait_for(10, timeout=60)
-        daemon.wait_for_counts(sent=10, retry=0, queued=0)
+        daemon.wait_for_counts(sent=10, retry=0, queued=0, dead=0)
         attempts = server.data_attempts
     received = Counter(m.message_id for m in messages)
     assert len(received) == 10 and set(received.values()) == {1}
