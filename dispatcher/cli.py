@@ -107,17 +107,26 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def send(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher.client import Client, build_frame
+    """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
+    from dispatcher.client import build_frame
+    from dispatcher.handoff import Handoff
 
-    request_id, frame = build_frame(args.template, to=args.to, context=_read_context(args.context))
-    sender = Client(settings)
+    handoff = Handoff(settings)
     try:
-        handed_over = sender.send(frame, request_id)
+        request_id, frame = build_frame(
+            args.template, client=handoff.client_id, to=args.to, context=_read_context(args.context)
+        )
+        handoff.submit(request_id, frame)
+        acknowledged = handoff.flush(2 * settings.client.ack_timeout)
     finally:
-        sender.close()
-    if not handed_over:
-        return 1
+        handoff.close(0)
     print(request_id)
+    if not acknowledged:
+        print(
+            f"dispatcher: no daemon acknowledged {request_id}; it is kept in"
+            f" {settings.client.overflow_dir} and sent when a daemon reads that folder",
+            file=sys.stderr,
+        )
     return 0
 
 

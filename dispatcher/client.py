@@ -1,13 +1,14 @@
-"""The app side: `enqueue_email()` validates, encodes and pushes a request without waiting.
+"""The app side: `enqueue_email()` validates, encodes and hands a request over without waiting.
 
-One ZeroMQ context and PUSH socket per process, created on first use. After `fork()` the child
-drops the parent's objects without touching them (an inherited socket "sends" into the void)
-and creates its own on its next call. Sockets are not thread-safe, so sends take a lock.
+One `Handoff` (sockets, pending requests, receipts) per process, created on first use. After
+`fork()` the child drops the parent's without touching it (an inherited socket "sends" into the
+void) and creates its own on its next call. At exit, pending requests get `client.exit_wait`
+seconds for their receipts and the rest are spilled to `client.overflow_dir`.
 """
 
 import atexit
-import logging
 import mimetypes
+import multiprocessing.util
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,62 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from dispatcher import wire
 from dispatcher.errors import InvalidRequest
-from dispatcher.settings import Settings, load_settings
-
-log = logging.getLogger(__name__)
-
-# How long the process may wait at exit for queued requests to leave (ZMQ_LINGER); the
-# default of -1 would hang a web worker forever with the daemon down.
-LINGER_MS = 1000
-# A fresh IMMEDIATE socket refuses sends until its TCP handshake is done (~0.5 ms on loopback),
-# so the first use waits this long, once per process, for a connection.
-CONNECT_WAIT_MS = 50
-SEND_HWM = 10_000
+from dispatcher.handoff import Handoff
+from dispatcher.settings import load_settings
 
 AttachmentInput = wire.Attachment | tuple[str, bytes] | tuple[str, bytes, str]
-
-
-class Client:
-    """A PUSH socket connected to every daemon in `client.connect`."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.context = zmq.Context()
-        self.context.linger = LINGER_MS
-        self.socket = self.context.socket(zmq.PUSH)
-        # IMMEDIATE: queue only on live connections, so "no daemon" is an error we can see
-        # (zmq.Again) rather than messages piling up for a peer that may never come.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-        for endpoint in settings.client.connect:
-            self.socket.connect(endpoint)
-        self.lock = threading.Lock()
-        self.not_handed_over = 0
-        self.socket.poll(CONNECT_WAIT_MS, zmq.POLLOUT)
-
-    def send(self, frame: bytes, request_id: str) -> bool:
-        """Hand one frame to ZeroMQ without blocking; False when no daemon could take it."""
-        with self.lock:
-            try:
-                self.socket.send(frame, zmq.NOBLOCK)
-                return True
-            except zmq.Again:
-                self.not_handed_over += 1
-        log.error(
-            "request %s not handed over: no daemon reachable at %s or its queue is full",
-            request_id,
-            ", ".join(self.settings.client.connect),
-        )
-        return False
-
-    def close(self) -> None:
-        """Give queued requests up to LINGER_MS to leave, then release the socket."""
-        self.socket.close(linger=LINGER_MS)
-        self.context.term()
 
 
 class _ProcessState:
@@ -78,15 +29,17 @@ class _ProcessState:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.client: Client | None = None
+        self.client: Handoff | None = None
         self.settings_path: str | os.PathLike[str] | None = None
         self.overrides: dict[str, Any] = {}
+        self.exit_wait = 0.0
 
-    def get(self) -> Client:
+    def get(self) -> Handoff:
         with self.lock:
             if self.client is None:
                 settings = load_settings(self.settings_path, self.overrides)
-                self.client = Client(settings)
+                self.client = Handoff(settings)
+                self.exit_wait = settings.client.exit_wait
             return self.client
 
     def forget(self) -> None:
@@ -97,13 +50,15 @@ class _ProcessState:
     def close(self) -> None:
         with self.lock:
             if self.client is not None:
-                self.client.close()
+                self.client.close(self.exit_wait)
                 self.client = None
 
 
 _state = _ProcessState()
 os.register_at_fork(after_in_child=_state.forget)
 atexit.register(_state.close)
+# A multiprocessing child ends with os._exit(), which skips atexit but runs these finalizers.
+multiprocessing.util.Finalize(None, _state.close, exitpriority=0)
 
 
 def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
@@ -137,14 +92,17 @@ def enqueue_email(
     """Queue one email for the daemon and return its request id at once.
 
     Raises `InvalidRequest` (a `ValueError`) for input that could never be sent. Never blocks
-    on the daemon and never raises because it is down: that is logged and counted.
+    on the daemon and never raises because it is down: the request is kept until a daemon
+    acknowledges it, or written to `client.overflow_dir`.
     """
+    handoff = _state.get()
     request_id, frame = build_frame(
-        template, to=to, context=context, cc=cc, bcc=bcc, reply_to=reply_to, sender=sender,
+        template, client=handoff.client_id, to=to, context=context, cc=cc, bcc=bcc,
+        reply_to=reply_to, sender=sender,
         headers=headers, attachments=attachments, send_at=send_at, priority=priority,
         idempotency_key=idempotency_key, locale=locale,
     )  # fmt: skip
-    _state.get().send(frame, request_id)
+    handoff.submit(request_id, frame)
     return request_id
 
 
@@ -169,16 +127,12 @@ def build_frame(template: str, /, **options: Any) -> tuple[str, bytes]:
 
 
 def flush(timeout: float = 5.0) -> bool:
-    """True when every request of this process since the last flush was handed to a daemon.
+    """Wait until every request of this process is acknowledged by a daemon or spilled.
 
-    `timeout` bounds the wait; receipts from the daemon (a later protocol addition) will make
-    this wait for the spool's acknowledgement.
+    True when all were acknowledged (none spilled since the last flush). Whatever is still
+    unacknowledged at `timeout` is spilled before returning, so it is durable either way.
     """
-    del timeout
-    client = _state.get()
-    with client.lock:
-        failed, client.not_handed_over = client.not_handed_over, 0
-    return failed == 0
+    return _state.get().flush(timeout)
 
 
 def _attachment(item: AttachmentInput) -> dict[str, str]:

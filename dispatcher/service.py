@@ -1,8 +1,10 @@
 """The daemon: intake from ZeroMQ into the spool, and delivery workers from the spool to SMTP.
 
 One asyncio process. Intake waits for the socket to become readable, then drains it without
-awaiting per message and commits the batch in one transaction. A feeder hands due requests to
-`smtp.connections` workers, each owning one SMTP connection reused for many messages.
+awaiting per message and commits the batch in one transaction; only then are receipts for the
+batch published, so a receipt always means "in the spool". The overflow folder is read into the
+spool the same way. A feeder hands due requests to `smtp.connections` workers, each owning one
+SMTP connection reused for many messages.
 """
 
 import asyncio
@@ -10,14 +12,14 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import orjson
 import zmq
 import zmq.asyncio
 
-from dispatcher import wire
+from dispatcher import overflow, wire
 from dispatcher.backoff import retry_delay
 from dispatcher.errors import InvalidRequest, StartupError, TemplateError
 from dispatcher.render import Renderer
@@ -31,6 +33,10 @@ RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: ~200k rows/s with synchronous=FULL
 IDLE_WAKE = 60.0  # the feeder re-reads the spool at least this often, whatever it was told
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
+RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
+OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
+PRUNE_EVERY = 600.0  # seconds between retention passes over sent requests
+PRUNE_SLICE = 5000  # rows deleted per transaction, so the loop is never held for long
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +99,18 @@ class Daemon:
         # A deep receive queue absorbs bursts (the spool drains ~100k frames/s) instead of
         # pushing back on clients, whose sends would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        try:
-            self.pull.bind(settings.intake.bind)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise StartupError(f"intake.bind: cannot bind {settings.intake.bind}: {exc}") from None
+        self.receipts = self.context.socket(zmq.PUB)
+        self.receipts.setsockopt(zmq.LINGER, 200)
+        self.receipts.setsockopt(zmq.SNDHWM, RECEIPT_HWM)
+        for key, socket, endpoint in (
+            ("intake.bind", self.pull, settings.intake.bind),
+            ("intake.acks", self.receipts, settings.intake.acks),
+        ):
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self.close()
+                raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()
@@ -106,6 +119,7 @@ class Daemon:
 
     def close(self) -> None:
         self.pull.close(linger=0)
+        self.receipts.close()
         self.context.term()
         self.spool.close()
 
@@ -130,16 +144,24 @@ class Daemon:
         return len(frames)
 
     def store(self, frames: list[bytes]) -> None:
+        """Commit a batch, then acknowledge every frame in it that names its client."""
         accepted, rejected = [], []
+        receipts: defaultdict[str, list[str]] = defaultdict(list)
         for frame in frames:
             try:
                 request = self.accept(frame)
             except InvalidRequest as exc:
                 rejected.append((str(exc), frame))
                 log.warning("rejected: %s (frame of %d bytes)", exc, len(frame))
+                sender = wire.sender_of(frame)
+                if sender:  # recorded as rejected: the client must not send it forever
+                    receipts[sender[0]].append(sender[1])
                 continue
             accepted.append((request, orjson.dumps(wire.to_fields(request))))
+            if request.client:
+                receipts[request.client].append(request.id)
         added = set(self.spool.add(accepted, rejected, now()))
+        self.acknowledge(receipts)
         for request, _ in accepted:
             if request.id in added:
                 log.info("received %s template=%s", request.id, request.template)
@@ -148,6 +170,45 @@ class Daemon:
         self.counts.update(received=len(added), rejected=len(rejected))
         if added:
             self.wake.set()
+
+    def acknowledge(self, receipts: dict[str, list[str]]) -> None:
+        """Publish `"<client> <id> <id> ..."` per client; never blocks (PUB drops instead)."""
+        for client, ids in receipts.items():
+            for start in range(0, len(ids), BATCH):
+                frame = " ".join([client, *ids[start : start + BATCH]]).encode()
+                with contextlib.suppress(zmq.Again):
+                    self.receipts.send(frame, zmq.NOBLOCK)
+
+    async def ingest_overflow(self) -> None:
+        """Read spill files into the spool, deleting each only after its batch committed."""
+        folder = self.settings.client.overflow_dir
+        while True:
+            for path in overflow.waiting(folder):
+                try:
+                    frames = overflow.read(path)
+                    if frames is None:
+                        continue  # a client handing it over took it first
+                    for start in range(0, len(frames), BATCH):
+                        self.store(frames[start : start + BATCH])
+                    overflow.remove(path)
+                except OSError as exc:
+                    log.error("cannot ingest overflow file %s: %s", path, exc)
+                    continue
+                log.info("ingested %d requests from overflow file %s", len(frames), path.name)
+                await asyncio.sleep(0)  # let intake and delivery run between files
+            await asyncio.sleep(OVERFLOW_SCAN)
+
+    async def prune(self) -> None:
+        """Delete sent requests older than `spool.keep_sent`, a slice at a time."""
+        keep = self.settings.spool.keep_sent
+        while True:
+            removed = 0
+            while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                removed += n
+                await asyncio.sleep(0)
+            if removed:
+                log.info("pruned %d sent requests older than %g s", removed, keep)
+            await asyncio.sleep(PRUNE_EVERY)
 
     def accept(self, frame: bytes) -> wire.Request:
         request = wire.decode(frame)
@@ -291,8 +352,9 @@ class Daemon:
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
         log.info(
-            "listening on %s, delivering to %s:%d with %d connections",
+            "listening on %s (receipts on %s), delivering to %s:%d with %d connections",
             self.settings.intake.bind,
+            self.settings.intake.acks,
             self.settings.smtp.host,
             self.settings.smtp.port,
             self.settings.smtp.connections,
@@ -300,6 +362,10 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             intake = group.create_task(self.intake(), name="intake")
             feeder = group.create_task(self.feed(), name="feeder")
+            chores = [
+                group.create_task(self.ingest_overflow(), name="overflow"),
+                group.create_task(self.prune(), name="prune"),
+            ]
             workers = [
                 group.create_task(self.work(), name=f"worker-{i}")
                 for i in range(self.settings.smtp.connections)
@@ -307,6 +373,8 @@ class Daemon:
             await stop.wait()
             log.info("stopping: no new requests; finishing sends in flight")
             intake.cancel()
+            for chore in chores:
+                chore.cancel()
             # What already arrived is persisted, not dropped: at most RECEIVE_HWM frames.
             for _ in range(RECEIVE_HWM // BATCH + 1):
                 if self.store_pending() < BATCH:

@@ -40,6 +40,8 @@ class ClientSettings:
     connect: tuple[str, ...] = ("tcp://127.0.0.1:5559",)
     acks: tuple[str, ...] = ("tcp://127.0.0.1:5560",)
     overflow_dir: Path = Path("var/overflow")
+    ack_timeout: float = 2.0  # no receipt after this: send again; after twice this: spill
+    exit_wait: float = 2.0  # at interpreter exit, wait this long for receipts, then spill
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class SpoolSettings:
     """The SQLite file that is the source of truth for every accepted request."""
 
     path: Path = Path("var/spool.sqlite3")
+    keep_sent: float = 604800.0  # seconds a sent request stays for inspection (7 days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +273,10 @@ def _checked(settings: Settings) -> Settings:
             )
     if not settings.client.connect:
         raise SettingsError("client.connect: at least one endpoint is required")
+    if settings.client.ack_timeout <= 0 or settings.client.exit_wait < 0:
+        raise SettingsError("client.ack_timeout must be positive and client.exit_wait >= 0")
+    if settings.spool.keep_sent < 0:
+        raise SettingsError("spool.keep_sent: must be 0 or more seconds")
     smtp, retry = settings.smtp, settings.retry
     if not 0 < smtp.port < 65536:
         raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")

@@ -259,6 +259,27 @@ class Spool:
                     (now, state, code, reply, request_id, number),
                 )
 
+    # -- retention ---------------------------------------------------------------------
+
+    def purge(
+        self, state: str, older_than: float | None, now: float, *, limit: int | None = None
+    ) -> int:
+        """Delete requests in `state` ("sent" or "dead") that reached it `older_than` seconds
+        ago or more (None: all), with their messages and attempts; returns how many.
+
+        `limit` bounds one call, so the daemon can prune a large backlog in slices without
+        holding the write lock (and its event loop) for long.
+        """
+        assert state in ("sent", "dead")
+        cutoff = now - older_than if older_than is not None else None
+        with self.transaction(durable=False) as db:
+            cursor = db.execute(
+                "delete from requests where id in (select id from requests where state = ?"
+                " and (? is null or updated_at <= ?) limit ?)",
+                (state, cutoff, cutoff, -1 if limit is None else limit),
+            )
+        return cursor.rowcount
+
     # -- reporting ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

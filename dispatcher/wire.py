@@ -111,6 +111,23 @@ def decode(frame: bytes) -> Request:
     return validate(fields)
 
 
+def sender_of(frame: bytes) -> tuple[str, str] | None:
+    """The (client, id) a frame names, if it names both validly, even when the rest of it is
+    invalid: the daemon acknowledges a rejection too, so the client stops sending it."""
+    try:
+        fields = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    client, request_id = fields.get("client"), fields.get("id")
+    if not (isinstance(client, str) and isinstance(request_id, str)):
+        return None
+    if REQUEST_ID.match(client) and REQUEST_ID.match(request_id):
+        return client, request_id
+    return None
+
+
 def validate(fields: object) -> Request:
     """Check every field of a decoded request and build the `Request` the daemon works with."""
     if not isinstance(fields, dict):

@@ -7,6 +7,7 @@ import orjson
 import pytest
 import zmq
 
+from dispatcher import overflow
 from tests.daemon import ROOT, DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -101,13 +102,16 @@ def test_status_without_a_spool_says_so(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("status", settings=settings), "no spool at")
 
 
-def test_send_without_a_daemon_fails_clearly(tmp_path: Path) -> None:
+def test_send_without_a_daemon_keeps_the_request_in_the_overflow_folder(tmp_path: Path) -> None:
     result = run_cli(
         "send", "welcome", "--to", "a@example.com", settings=write_settings(tmp_path, 1025)
     )
-    assert result.returncode == 1
-    assert "not handed over: no daemon reachable" in result.stderr
+    assert result.returncode == 0, result.stderr
+    request_id = result.stdout.strip()
+    assert f"no daemon acknowledged {request_id}; it is kept in" in result.stderr
     assert "Traceback" not in result.stderr
+    (spilled,) = overflow.waiting(tmp_path / "overflow")
+    assert [orjson.loads(f)["id"] for f in overflow.read(spilled) or []] == [request_id]
 
 
 def test_send_and_status_against_a_running_daemon(

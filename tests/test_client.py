@@ -1,45 +1,93 @@
 """The client: validates at once, hands over without blocking, stays light and fork-safe."""
 
-import logging
 import os
+import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import zmq
 
 import dispatcher
-from dispatcher import client, wire
+from dispatcher import client, overflow, wire
 from dispatcher.errors import InvalidRequest, RequestTooLarge
 
 
+class FakeDaemon:
+    """A PULL socket and a receipts PUB socket standing in for the daemon, served by a thread.
+
+    It records every frame and, while `acknowledging`, publishes a receipt for it at once.
+    """
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.pull = self.context.socket(zmq.PULL)
+        self.pub = self.context.socket(zmq.PUB)
+        self.pull.linger = self.pub.linger = 0
+        self.endpoint = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
+        self.acks = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
+        self.acknowledging = True
+        self.frames: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            if not self.pull.poll(20):
+                continue
+            fields = orjson.loads(self.pull.recv())
+            if self.acknowledging:
+                self.pub.send(f"{fields['client']} {fields['id']}".encode())
+            with self.changed:
+                self.frames.append(fields)
+                self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.frames) >= count, timeout), self.frames
+            return list(self.frames)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.pull.close()
+        self.pub.close()
+        self.context.term()
+
+
 @pytest.fixture
-def pull(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    """A bare PULL socket standing in for the daemon, and the endpoint clients connect to."""
-    context = zmq.Context()
-    socket = context.socket(zmq.PULL)
-    socket.linger = 0
-    port = socket.bind_to_random_port("tcp://127.0.0.1")
-    endpoint = f"tcp://127.0.0.1:{port}"
-    dispatcher.configure(None, client={"connect": [endpoint]})
-    yield socket, endpoint
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    """A fake daemon the client is configured for, with its overflow folder in `tmp_path`."""
+    fake = FakeDaemon()
+    dispatcher.configure(
+        None,
+        client={
+            "connect": [fake.endpoint],
+            "acks": [fake.acks],
+            "overflow_dir": str(tmp_path / "overflow"),
+            "ack_timeout": 0.3,
+        },
+    )
+    yield fake
     client._state.close()
-    socket.close()
-    context.term()
+    fake.close()
 
 
-def receive(socket: zmq.Socket[bytes]) -> dict[str, object]:
-    assert socket.poll(5000), "no frame arrived within 5 s"
-    return orjson.loads(socket.recv())  # type: ignore[no-any-return]
+def spilled_ids(folder: Path) -> list[str]:
+    return [orjson.loads(f)["id"] for p in overflow.waiting(folder) for f in overflow.read(p) or []]
 
 
-def test_enqueue_sends_one_frame_with_the_request(pull: tuple[zmq.Socket[bytes], str]) -> None:
-    socket, _ = pull
+def test_enqueue_sends_one_frame_with_the_request(daemon: FakeDaemon, tmp_path: Path) -> None:
     request_id = dispatcher.enqueue_email(
         "welcome",
         to=["Ada <ada@example.com>"],
@@ -48,13 +96,15 @@ def test_enqueue_sends_one_frame_with_the_request(pull: tuple[zmq.Socket[bytes],
         priority="high",
         attachments=[("a.txt", b"hi")],
     )
-    data = receive(socket)
+    (data,) = daemon.wait_for(1)
     assert data["id"] == request_id
+    assert data["client"] == client._state.get().client_id
     assert data["context"] == {"price": "9.90", "n": 3}
     request = wire.validate(data)
     assert request.attachments[0].content_type == "text/plain"
     assert request.send_at == datetime(2030, 1, 1, tzinfo=UTC)
-    assert dispatcher.flush(1.0) is True
+    assert dispatcher.flush(5.0) is True
+    assert spilled_ids(tmp_path / "overflow") == []
 
 
 @pytest.mark.parametrize(
@@ -82,25 +132,57 @@ def test_enqueue_sends_one_frame_with_the_request(pull: tuple[zmq.Socket[bytes],
     ],
 )
 def test_input_that_can_never_be_sent_raises_value_error(
-    pull: tuple[zmq.Socket[bytes], str], kwargs: dict[str, object], error: type, reason: str
+    daemon: FakeDaemon, kwargs: dict[str, object], error: type, reason: str
 ) -> None:
     with pytest.raises(error, match=reason) as caught:
         dispatcher.enqueue_email("welcome", **kwargs)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
 
 
-def test_daemon_down_neither_raises_nor_blocks(caplog: pytest.LogCaptureFixture) -> None:
+def test_no_receipt_means_one_resend_then_a_spill(daemon: FakeDaemon, tmp_path: Path) -> None:
+    daemon.acknowledging = False
+    request_id = dispatcher.enqueue_email("welcome", to="a@example.com")
+    assert [f["id"] for f in daemon.wait_for(2)] == [request_id, request_id]
+    assert dispatcher.flush(5.0) is False
+    assert spilled_ids(tmp_path / "overflow") == [request_id]
+    assert len(daemon.frames) == 2  # spilled, not sent a third time
+
+
+def test_daemon_down_neither_raises_nor_loses(tmp_path: Path) -> None:
     with zmq.Context() as context, context.socket(zmq.PULL) as probe:
         port = probe.bind_to_random_port("tcp://127.0.0.1")  # a port nobody listens on after this
-    dispatcher.configure(None, client={"connect": [f"tcp://127.0.0.1:{port}"]})
+    folder = tmp_path / "overflow"
+    dispatcher.configure(
+        None, client={"connect": [f"tcp://127.0.0.1:{port}"], "overflow_dir": str(folder)}
+    )
     try:
-        with caplog.at_level(logging.ERROR):
-            ids = [dispatcher.enqueue_email("welcome", to="a@example.com") for _ in range(20)]
-        assert len(set(ids)) == 20
-        assert "not handed over: no daemon reachable" in caplog.text
-        assert dispatcher.flush(0.1) is False
+        ids = [dispatcher.enqueue_email("welcome", to="a@example.com") for _ in range(20)]
+        assert dispatcher.flush(5.0) is False
+        assert sorted(spilled_ids(folder)) == sorted(ids)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in overflow.waiting(folder))
     finally:
         client._state.close()
+
+
+def test_spilled_requests_are_handed_over_once_a_daemon_answers(
+    daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    folder = tmp_path / "overflow"
+    frames = [orjson.dumps({"v": 1, "id": f"old{i}", "client": "gone", "template": "welcome",
+                            "to": "a@example.com"}) for i in range(3)]  # fmt: skip
+    path = overflow.spill(folder, frames, "gone")
+    assert path is not None
+    os.utime(path, (0, 0))  # older than any lease
+    new = dispatcher.enqueue_email("welcome", to="b@example.com")  # starts the client
+    received = daemon.wait_for(4)
+    mine = client._state.get().client_id
+    assert {f["id"] for f in received} == {"old0", "old1", "old2", new}
+    assert {f["client"] for f in received} == {mine}  # receipts come to this process
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not path.exists()
 
 
 def test_import_stays_light() -> None:
@@ -113,8 +195,7 @@ def test_import_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_forked_child_uses_its_own_socket(pull: tuple[zmq.Socket[bytes], str]) -> None:
-    socket, _ = pull
+def test_forked_child_uses_its_own_socket(daemon: FakeDaemon) -> None:
     parent_id = dispatcher.enqueue_email("welcome", to="parent@example.com")
     parent_client = client._state.client
     pid = os.fork()
@@ -123,20 +204,26 @@ def test_forked_child_uses_its_own_socket(pull: tuple[zmq.Socket[bytes], str]) -
         try:
             child_id = dispatcher.enqueue_email("welcome", to="child@example.com")
             status = 0 if client._state.client is not parent_client and child_id else 1
+            status |= 0 if dispatcher.flush(5.0) else 2
             client._state.close()
         finally:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    received = {str(receive(socket)["to"]) for _ in range(2)}
+    received = {str(f["to"]) for f in daemon.wait_for(2)}
     assert received == {"parent@example.com", "child@example.com"}
-    assert parent_id
+    assert parent_id and dispatcher.flush(5.0)
 
 
 def test_process_exits_promptly_with_the_daemon_down(tmp_path: Path) -> None:
+    folder = tmp_path / "overflow"
     code = (
-        "import dispatcher; dispatcher.configure(None, client={'connect': ['tcp://127.0.0.1:9']});"
-        "dispatcher.enqueue_email('welcome', to='a@example.com')"
+        "import dispatcher; dispatcher.configure(None, client={'connect': ['tcp://127.0.0.1:9'],"
+        f" 'overflow_dir': {str(folder)!r}}});"
+        "print(dispatcher.enqueue_email('welcome', to='a@example.com'))"
     )
-    # Bounded linger: exiting must not hang on the undeliverable request.
-    subprocess.run([sys.executable, "-c", code], timeout=20, check=True, capture_output=True)
+    # Bounded: exiting must not hang on the undeliverable request, and must keep it.
+    done = subprocess.run(
+        [sys.executable, "-c", code], timeout=20, check=True, capture_output=True, text=True
+    )
+    assert spilled_ids(folder) == [done.stdout.strip()]

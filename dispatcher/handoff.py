@@ -1,0 +1,274 @@
+"""Handing requests to daemons without losing one: pending until receipt, re-send, spill.
+
+ZeroMQ PUSH is at-most-once: a daemon killed with frames in its queue loses them silently. So
+every request stays pending here until a daemon publishes a receipt for it, which it does only
+after committing it to its spool. A request without a receipt after `client.ack_timeout` is
+sent once more (to whichever daemon is connected), and after a second timeout it is written to
+the overflow folder, which daemons ingest. A request no daemon could take at all (none
+connected, send queue full) goes to the overflow folder at once.
+
+The caller's thread only validates, sends without blocking and records the request. Receipts,
+re-sends and spills are the work of one background thread. It is fork-safe by construction: a
+forked child never touches its parent's `Handoff` (`client.py` drops it in the child), and
+threads do not survive `fork()`, so the child simply builds its own on first use.
+"""
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import zmq
+
+from dispatcher import overflow
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long a process may wait at exit for bytes still in ZeroMQ's queue; everything not yet
+# acknowledged is spilled by then anyway, so this only bounds the close itself.
+LINGER_MS = 200
+# A fresh IMMEDIATE socket refuses sends until its connection is up (~0.5 ms on loopback), so
+# the first use waits this long, once per process, for a daemon.
+CONNECT_WAIT_MS = 50
+SEND_HWM = 10_000
+TICK = 0.05  # seconds between the background thread's checks when no receipt arrives
+OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request handed over (or not) and not yet acknowledged."""
+
+    frame: bytes
+    sent_at: float  # time.monotonic() of the last send
+    sends: int
+    source: Path | None = None  # the spill file it was read back from: already durable
+
+
+class Handoff:
+    """The process's sockets to the daemons, its pending requests and their keeper thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.client
+        self.client_id = secrets.token_hex(8)
+        self.context = zmq.Context()
+        self.push = self.context.socket(zmq.PUSH)
+        # IMMEDIATE: queue only on live connections, so "no daemon" is an error we see
+        # (zmq.Again) rather than frames piling up for a peer that may never come.
+        self.push.setsockopt(zmq.IMMEDIATE, 1)
+        self.push.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.push.setsockopt(zmq.LINGER, LINGER_MS)
+        self.receipts = self.context.socket(zmq.SUB)
+        self.receipts.setsockopt(zmq.LINGER, 0)
+        self.receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
+        for endpoint in self.settings.connect:
+            self.push.connect(endpoint)
+        for endpoint in self.settings.acks:
+            self.receipts.connect(endpoint)
+        self.lock = threading.Condition()
+        self.pending: dict[str, Pending] = {}  # oldest send first
+        self.unsent: list[bytes] = []  # no daemon took these: spill at once
+        self.spilling = 0  # frames being written by a thread right now
+        self.spilled = 0  # frames spilled since the last flush()
+        self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
+        self.stopping = threading.Event()
+        self.push.poll(CONNECT_WAIT_MS, zmq.POLLOUT)
+        self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
+        self.thread.start()
+
+    # -- the caller's side -------------------------------------------------------------
+
+    def submit(self, request_id: str, frame: bytes) -> None:
+        """Send without blocking and keep the request until its receipt comes."""
+        with self.lock:
+            if self._send(frame):
+                self.pending[request_id] = Pending(frame, time.monotonic(), 1)
+            else:
+                self.unsent.append(frame)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every request is acknowledged or spilled; True if all were acknowledged.
+
+        What is still unacknowledged at the deadline is spilled before returning, so after a
+        flush every request of the process is either in a spool or in the overflow folder.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self.lock:
+            while self._own_pending() or self.unsent or self.spilling:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.lock.wait(min(left, TICK))
+        self._spill_all()
+        with self.lock:
+            spilled, self.spilled = self.spilled, 0
+        return spilled == 0
+
+    def close(self, wait: float) -> None:
+        """At exit: wait up to `wait` seconds for receipts, spill the rest, release sockets."""
+        self.stopping.set()
+        self.thread.join(timeout=5.0)
+        deadline = time.monotonic() + wait
+        while not self.unsent and self._own_pending():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.receipts.poll(int(left * 1000) + 1):
+                break
+            self._take_receipts()
+        self._spill_all()
+        if self.unsent:
+            log.critical("dispatcher client: %d requests lost at exit", len(self.unsent))
+        self.receipts.close()
+        self.push.close()
+        self.context.term()
+
+    # -- the keeper thread -------------------------------------------------------------
+
+    def _keep(self) -> None:
+        """Take receipts as they come; re-send, spill and hand back spill files on time."""
+        next_overflow = 0.0
+        while not self.stopping.is_set():
+            try:
+                if self.receipts.poll(int(TICK * 1000)):
+                    self._take_receipts()
+                self._spill_unsent()
+                self._check_timeouts()
+                if time.monotonic() >= next_overflow:
+                    next_overflow = time.monotonic() + 1.0
+                    self._hand_over_spilled()
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # the keeper must outlive any one bad moment
+                log.exception("dispatcher client: hand-off thread error; continuing")
+                self.stopping.wait(TICK)
+
+    def _take_receipts(self) -> None:
+        """Drain the receipts socket: `"<client> <id> <id> ..."` per committed batch."""
+        done: list[bytes] = []
+        while True:
+            try:
+                done.extend(self.receipts.recv(zmq.NOBLOCK).split(b" ")[1:])
+            except zmq.Again:
+                break
+        with self.lock:
+            for request_id in done:
+                entry = self.pending.pop(request_id.decode(), None)
+                if entry is not None and entry.source is not None:
+                    self._source_done(entry.source)
+            self.lock.notify_all()
+
+    def _source_done(self, source: Path) -> None:
+        self.sources[source] -= 1
+        if self.sources[source] == 0:
+            del self.sources[source]
+            overflow.remove(source)
+
+    def _check_timeouts(self) -> None:
+        """Send once more what had no receipt in time; spill what had none twice."""
+        now, timeout = time.monotonic(), self.settings.ack_timeout
+        expired: list[tuple[str, Pending]] = []
+        with self.lock:
+            for request_id, entry in self.pending.items():
+                if entry.sent_at + timeout > now:
+                    break  # oldest first: the rest are younger
+                expired.append((request_id, entry))
+            for request_id, entry in expired:
+                del self.pending[request_id]
+                if entry.source is not None:  # durable already: its file will be retried
+                    self.sources.pop(entry.source, None)
+                elif entry.sends < 2 and self._send(entry.frame):
+                    self.pending[request_id] = Pending(entry.frame, now, entry.sends + 1)
+                else:
+                    self.unsent.append(entry.frame)
+        self._spill_unsent()
+
+    def _hand_over_spilled(self) -> None:
+        """Hand spilled requests over again once a daemon is reachable, one file at a time."""
+        with self.lock:
+            if self.sources or not self.push.poll(0, zmq.POLLOUT):
+                return
+        for path in overflow.waiting(self.settings.overflow_dir):
+            try:
+                if path.stat().st_mtime > time.time() - OVERFLOW_LEASE:
+                    continue
+                path.touch()  # a lease: other processes leave this file alone for a while
+            except FileNotFoundError:
+                continue
+            frames = overflow.read(path)
+            if frames:
+                self._resend_file(path, frames)
+            return
+
+    def _resend_file(self, path: Path, frames: list[bytes]) -> None:
+        with self.lock:
+            for frame in frames:
+                try:
+                    fields = orjson.loads(frame)
+                    request_id = str(fields["id"])
+                    fields["client"] = self.client_id  # the receipt must come to us
+                    frame = orjson.dumps(fields)
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue  # a daemon ingesting the folder records it as rejected
+                if not self._send(frame):
+                    break
+                self.pending[request_id] = Pending(frame, time.monotonic(), 1, path)
+                self.sources[path] = self.sources.get(path, 0) + 1
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> bool:
+        """Hand one frame to ZeroMQ without blocking (caller holds the lock)."""
+        try:
+            self.push.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # Again: no daemon connected or its queue full; or closed
+            return False
+
+    def _own_pending(self) -> bool:
+        """Requests of this process not yet durable anywhere (spill-file ones already are)."""
+        return len(self.pending) > sum(self.sources.values())
+
+    def _spill_unsent(self) -> None:
+        with self.lock:
+            frames, self.unsent = self.unsent, []
+            self.spilling += len(frames)
+        self._spill(frames)
+
+    def _spill_all(self) -> None:
+        with self.lock:
+            frames, self.unsent = self.unsent, []
+            for request_id, entry in list(self.pending.items()):
+                if entry.source is None:
+                    frames.append(entry.frame)
+                    del self.pending[request_id]
+            self.spilling += len(frames)
+        self._spill(frames)
+
+    def _spill(self, frames: list[bytes]) -> None:
+        """Write frames to the overflow folder, outside the lock: the fsync takes milliseconds."""
+        if not frames:
+            return
+        folder = self.settings.overflow_dir
+        try:
+            path = overflow.spill(folder, frames, self.client_id)
+        except OSError as exc:
+            log.critical(
+                "dispatcher client: cannot write %d requests to client.overflow_dir %s: %s;"
+                " keeping them in memory and trying again",
+                len(frames),
+                folder,
+                exc,
+            )
+            with self.lock:
+                self.unsent.extend(frames)
+                self.spilling -= len(frames)
+                self.lock.notify_all()
+            return
+        log.warning("dispatcher client: %d requests unacknowledged; kept in %s", len(frames), path)
+        with self.lock:
+            self.spilling -= len(frames)
+            self.spilled += len(frames)
+            self.lock.notify_all()
