@@ -290,6 +290,13 @@ class Spool:
         (counts["rejected"],) = self.db.execute("select count(*) from rejected").fetchone()
         return counts
 
+    def waiting_ids(self) -> list[str]:
+        """Ids of the requests not yet sent or dead."""
+        rows = self.db.execute(
+            "select id from requests where state in ('queued', 'retry', 'sending')"
+        ).fetchall()
+        return [request_id for (request_id,) in rows]
+
     def oldest_waiting(self) -> float | None:
         """Creation time of the oldest request not yet sent or dead."""
         (when,) = self.db.execute(

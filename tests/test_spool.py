@@ -82,3 +82,18 @@ def test_an_unopenable_spool_is_a_startup_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(StartupError, match=r"spool\.path: cannot open"):
         Spool(tmp_path / "file" / "s.db")
+
+
+def test_purge_deletes_old_rows_of_one_state_with_their_attempts(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        spool.add([request(i) for i in ("old", "new", "dead")], [], 1.0)
+        spool.finish("old", "sent", now=100.0, reply="250 ok")
+        spool.finish("new", "sent", now=900.0, reply="250 ok")
+        spool.finish("dead", "dead", now=100.0, reply="550 no")
+        spool.db.execute("insert into attempts values ('old', 1, 99.0, 100.0, 'sent', 250, 'ok')")
+        assert spool.purge("sent", 500.0, now=1000.0) == 1
+        assert spool.counts()["sent"] == 1 and spool.counts()["dead"] == 1
+        assert spool.db.execute("select count(*) from attempts").fetchone() == (0,)
+        assert spool.purge("dead", None, now=1000.0) == 1
+        assert spool.purge("sent", 0.0, now=1000.0, limit=5) == 1
+        assert spool.counts()["sent"] == 0

@@ -1,0 +1,131 @@
+"""Receipts from a real daemon: only after commit, for duplicates and rejections too.
+
+A foreign sender speaking the wire protocol with plain pyzmq sockets, as docs/protocol.md
+describes it, against a real `dispatcher run` process.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+from dispatcher import overflow
+from dispatcher.spool import Spool
+from tests.daemon import DaemonProcess, write_settings
+from tests.smtp_server import SmtpServer
+from tests.test_spool import request
+
+StartDaemon = Callable[[Path], DaemonProcess]
+
+
+def request_fields(template: str = "welcome") -> dict[str, object]:
+    context = {"name": "A", "activate_url": "https://example.com/a"}
+    return {"v": 1, "template": template, "to": "a@example.com", "context": context}
+
+
+class Sender:
+    """A PUSH socket to the daemon's intake and a SUB socket on its receipts for one client."""
+
+    def __init__(self, daemon: DaemonProcess, client: str) -> None:
+        self.context = zmq.Context()
+        self.push = self.context.socket(zmq.PUSH)
+        self.sub = self.context.socket(zmq.SUB)
+        self.push.linger = self.sub.linger = 0
+        self.sub.setsockopt(zmq.SUBSCRIBE, f"{client} ".encode())
+        self.push.connect(daemon.settings.intake.bind)
+        self.sub.connect(daemon.settings.intake.acks)
+        self.client = client
+
+    def send(self, request_id: str, template: str = "welcome") -> None:
+        fields = {"id": request_id, "client": self.client, **request_fields(template)}
+        self.push.send(orjson.dumps(fields))
+
+    def receipts(self, expected: set[str], resend: Callable[[], None]) -> set[str]:
+        """Ids acknowledged until `expected` are all in; re-sends while the subscription
+        propagates (a receipt published before it arrives is lost, by design)."""
+        got: set[str] = set()
+        deadline = time.monotonic() + 20
+        while not expected <= got:
+            assert time.monotonic() < deadline, f"receipts {got}, expected {expected}"
+            if self.sub.poll(200):
+                client, *ids = self.sub.recv().decode().split(" ")
+                assert client == self.client
+                got.update(ids)
+            else:
+                resend()
+        return got
+
+    def close(self) -> None:
+        self.push.close()
+        self.sub.close()
+        self.context.term()
+
+
+@pytest.fixture
+def daemon(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> Iterator[DaemonProcess]:
+    yield start_daemon(write_settings(tmp_path, smtp_server.port))
+
+
+def test_a_receipt_follows_the_commit_and_comes_again_for_a_duplicate(
+    daemon: DaemonProcess,
+) -> None:
+    sender = Sender(daemon, "app1")
+    try:
+        sender.receipts({"r1"}, lambda: sender.send("r1"))
+        with Spool(daemon.settings.spool.path) as spool:  # acknowledged means committed
+            assert "r1" in {r for (r,) in spool.db.execute("select id from requests")}
+        sender.send("r1")  # a re-send after a lost receipt: stored once, acknowledged again
+        assert sender.receipts({"r1"}, lambda: None) == {"r1"}
+        daemon.wait_for_log("duplicate r1 ignored")
+        assert daemon.counts()["queued"] + daemon.counts()["sent"] == 1
+    finally:
+        sender.close()
+
+
+def test_a_rejected_request_is_acknowledged_so_the_client_stops_sending_it(
+    daemon: DaemonProcess,
+) -> None:
+    sender = Sender(daemon, "app2")
+    try:
+        sender.receipts({"bad1"}, lambda: sender.send("bad1", template="no_such_template"))
+        assert daemon.counts()["rejected"] >= 1
+        assert "unknown template 'no_such_template'" in daemon.log
+    finally:
+        sender.close()
+
+
+def test_spill_files_are_ingested_and_deleted_after_commit(
+    tmp_path: Path, daemon: DaemonProcess, smtp_server: SmtpServer
+) -> None:
+    frames = [orjson.dumps({"id": f"s{i}", **request_fields()}) for i in range(5)]
+    frames.append(b"not json")
+    path = overflow.spill(tmp_path / "overflow", frames, "app3")
+    assert path is not None
+    received = smtp_server.wait_for(5, timeout=30)
+    assert {m.message_id.strip("<>").split("@")[0] for m in received if m.message_id} == {
+        f"s{i}" for i in range(5)
+    }
+    daemon.wait_for_log(f"ingested 6 requests from overflow file {path.name}")
+    assert not path.exists()
+    assert daemon.counts()["rejected"] == 1  # the garbage line is recorded, not lost
+
+
+def test_sent_requests_older_than_keep_sent_are_pruned_at_start(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    settings = write_settings(tmp_path, smtp_server.port, spool={"keep_sent": 3600})
+    with Spool(tmp_path / "spool.sqlite3") as spool:
+        spool.add([request("ancient"), request("recent"), request("gone")], [], 1.0)
+        spool.finish("ancient", "sent", now=time.time() - 7200, reply="250 ok")
+        spool.finish("recent", "sent", now=time.time(), reply="250 ok")
+        spool.finish("gone", "dead", now=time.time() - 7200, reply="550 no")
+    daemon = start_daemon(settings)
+    daemon.wait_for_log("pruned 1 sent requests older than 3600 s")
+    with Spool(tmp_path / "spool.sqlite3") as spool:
+        ids = {r for (r,) in spool.db.execute("select id from requests")}
+    assert ids == {"recent", "gone"}  # dead requests stay until `dispatcher purge`
