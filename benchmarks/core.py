@@ -70,7 +70,7 @@ def bench_enqueue(daemon: DaemonProcess, calls: int) -> None:
         "to": "user0@example.com",
         "context": CONTEXT,
     }
-    push = client._state.get().socket
+    push = client._state.get().push
 
     def raw(i: int) -> None:
         frame_fields["id"] = f"raw{i}"

@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 # How long a process may wait at exit for bytes still in ZeroMQ's queue; everything not yet
 # acknowledged is spilled by then anyway, so this only bounds the close itself.
 LINGER_MS = 200
-# A fresh IMMEDIATE socket refuses sends until its connection is up (~0.5 ms on loopback), so
-# the first use waits this long, once per process, for a daemon.
-CONNECT_WAIT_MS = 50
 SEND_HWM = 10_000
 TICK = 0.05  # seconds between the background thread's checks when no receipt arrives
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
@@ -70,13 +67,14 @@ class Handoff:
         for endpoint in self.settings.acks:
             self.receipts.connect(endpoint)
         self.lock = threading.Condition()
-        self.pending: dict[str, Pending] = {}  # oldest send first
-        self.unsent: list[bytes] = []  # no daemon took these: spill at once
+        self.pending: dict[str, Pending] = {}  # handed over, oldest send first
+        # Not handed over: no daemon connected yet (a fresh socket needs its connection first)
+        # or its queue full. The keeper sends them as soon as it can, or spills them.
+        self.unsent: dict[str, Pending] = {}
         self.spilling = 0  # frames being written by a thread right now
         self.spilled = 0  # frames spilled since the last flush()
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
         self.stopping = threading.Event()
-        self.push.poll(CONNECT_WAIT_MS, zmq.POLLOUT)
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
         self.thread.start()
 
@@ -85,10 +83,12 @@ class Handoff:
     def submit(self, request_id: str, frame: bytes) -> None:
         """Send without blocking and keep the request until its receipt comes."""
         with self.lock:
-            if self._send(frame):
-                self.pending[request_id] = Pending(frame, time.monotonic(), 1)
+            entry = Pending(frame, time.monotonic(), 0)
+            if not self.unsent and self._send(frame):
+                entry.sends = 1
+                self.pending[request_id] = entry
             else:
-                self.unsent.append(frame)
+                self.unsent[request_id] = entry
 
     def flush(self, timeout: float) -> bool:
         """Wait until every request is acknowledged or spilled; True if all were acknowledged.
@@ -98,7 +98,7 @@ class Handoff:
         """
         deadline = time.monotonic() + max(timeout, 0.0)
         with self.lock:
-            while self._own_pending() or self.unsent or self.spilling:
+            while self._own_pending() or self.spilling:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -113,11 +113,10 @@ class Handoff:
         self.stopping.set()
         self.thread.join(timeout=5.0)
         deadline = time.monotonic() + wait
-        while not self.unsent and self._own_pending():
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.receipts.poll(int(left * 1000) + 1):
-                break
-            self._take_receipts()
+        while self._worth_waiting() and time.monotonic() < deadline:
+            if self.receipts.poll(int(TICK * 1000)):
+                self._take_receipts()
+            self._send_unsent()
         self._spill_all()
         if self.unsent:
             log.critical("dispatcher client: %d requests lost at exit", len(self.unsent))
@@ -134,7 +133,7 @@ class Handoff:
             try:
                 if self.receipts.poll(int(TICK * 1000)):
                     self._take_receipts()
-                self._spill_unsent()
+                self._send_unsent()
                 self._check_timeouts()
                 if time.monotonic() >= next_overflow:
                     next_overflow = time.monotonic() + 1.0
@@ -170,6 +169,7 @@ class Handoff:
         """Send once more what had no receipt in time; spill what had none twice."""
         now, timeout = time.monotonic(), self.settings.ack_timeout
         expired: list[tuple[str, Pending]] = []
+        expired_frames: list[bytes] = []
         with self.lock:
             for request_id, entry in self.pending.items():
                 if entry.sent_at + timeout > now:
@@ -182,8 +182,26 @@ class Handoff:
                 elif entry.sends < 2 and self._send(entry.frame):
                     self.pending[request_id] = Pending(entry.frame, now, entry.sends + 1)
                 else:
-                    self.unsent.append(entry.frame)
-        self._spill_unsent()
+                    expired_frames.append(entry.frame)
+            self.spilling += len(expired_frames)
+        self._spill(expired_frames)
+
+    def _send_unsent(self) -> None:
+        """Hand over what waited for a connection; spill what waited `ack_timeout` in vain."""
+        now, timeout = time.monotonic(), self.settings.ack_timeout
+        spill: list[bytes] = []
+        with self.lock:
+            for request_id, entry in list(self.unsent.items()):
+                if entry.sent_at + timeout <= now:
+                    spill.append(entry.frame)
+                elif not self._send(entry.frame):
+                    break  # still no room: the younger ones wait too
+                else:
+                    entry.sends, entry.sent_at = 1, now
+                    self.pending[request_id] = entry
+                del self.unsent[request_id]
+            self.spilling += len(spill)
+        self._spill(spill)
 
     def _hand_over_spilled(self) -> None:
         """Hand spilled requests over again once a daemon is reachable, one file at a time."""
@@ -229,17 +247,18 @@ class Handoff:
 
     def _own_pending(self) -> bool:
         """Requests of this process not yet durable anywhere (spill-file ones already are)."""
-        return len(self.pending) > sum(self.sources.values())
+        return bool(self.unsent) or len(self.pending) > sum(self.sources.values())
 
-    def _spill_unsent(self) -> None:
+    def _worth_waiting(self) -> bool:
+        """At exit: a receipt may still come, or a connected daemon can take what waits."""
         with self.lock:
-            frames, self.unsent = self.unsent, []
-            self.spilling += len(frames)
-        self._spill(frames)
+            handed_over = len(self.pending) > sum(self.sources.values())
+            return handed_over or bool(self.unsent and self.push.poll(0, zmq.POLLOUT))
 
     def _spill_all(self) -> None:
         with self.lock:
-            frames, self.unsent = self.unsent, []
+            frames = [entry.frame for entry in self.unsent.values()]
+            self.unsent.clear()
             for request_id, entry in list(self.pending.items()):
                 if entry.source is None:
                     frames.append(entry.frame)
@@ -263,7 +282,9 @@ class Handoff:
                 exc,
             )
             with self.lock:
-                self.unsent.extend(frames)
+                for frame in frames:  # kept, and tried again when the keeper next looks
+                    request_id = str(orjson.loads(frame)["id"])
+                    self.unsent[request_id] = Pending(frame, time.monotonic(), 0)
                 self.spilling -= len(frames)
                 self.lock.notify_all()
             return
