@@ -6,11 +6,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 import dispatcher
 from dispatcher import client
+from dispatcher.errors import SettingsError
+from dispatcher.settings import MetricsSettings
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
@@ -122,3 +125,19 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"metrics.bind: cannot listen on 127.0.0.1:{port}:" in result.stderr
     assert "Address already in use" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("bind", "address"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:9464", ("::1", 9464)), (None, None)],
+)
+def test_metrics_bind_is_a_loopback_host_and_port(
+    bind: str | None, address: tuple[str, int] | None
+) -> None:
+    assert MetricsSettings(bind).address() == address
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0:9464", "10.0.0.5:9464", "127.0.0.1", "127.0.0.1:0"])
+def test_anything_else_is_refused(bind: str) -> None:
+    with pytest.raises(SettingsError, match=r"metrics\.bind: expected a loopback HOST:PORT"):
+        MetricsSettings(bind).address()
