@@ -380,31 +380,32 @@ class Spool:
                 )
         return [request_id for request_id, _, _ in found]
 
-    def purge(self, state: str, older_than: float | None, now: float) -> int:
+    def purge(
+        self, state: str, older_than: float | None, now: float, *, limit: int | None = None
+    ) -> int:
         """Delete sent or dead requests (with their messages and attempts) that reached that
-        state more than `older_than` seconds ago (None: all of them); returns how many.
+        state `older_than` seconds ago or more (None: all of them); returns how many.
 
-        Deletes in batches, each its own transaction, so the daemon writing to the same spool
-        never waits long for the lock.
+        Deletes in transactions of at most PURGE_BATCH requests, so the daemon writing to the
+        same spool never waits long for the lock. `limit` bounds one call, so the daemon can
+        prune a backlog in slices between its other work.
         """
         if state not in ("sent", "dead"):
             raise ValueError(f"only sent or dead requests can be purged, not {state!r}")
         cutoff = float("inf") if older_than is None else now - older_than
         purged = 0
         while True:
+            batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
             with self.transaction(durable=False) as db:
-                ids = [
-                    (request_id,)
-                    for (request_id,) in db.execute(
-                        "select id from requests where state = ? and updated_at <= ? limit ?",
-                        (state, cutoff, PURGE_BATCH),
-                    )
-                ]
+                ids = db.execute(
+                    "select id from requests where state = ? and updated_at <= ? limit ?",
+                    (state, cutoff, batch),
+                ).fetchall()
                 db.executemany("delete from attempts where request_id = ?", ids)
                 db.executemany("delete from messages where request_id = ?", ids)
                 db.executemany("delete from requests where id = ?", ids)
             purged += len(ids)
-            if len(ids) < PURGE_BATCH:
+            if len(ids) < batch or purged == limit:
                 return purged
 
 

@@ -201,3 +201,12 @@ def test_ages_and_durations_read_as_people_write_them() -> None:
         5400,
     ]
     assert [duration(s) for s in (4, 725, 12000, 190000)] == ["4s", "12m 05s", "3h 20m", "2d 4h"]
+
+
+def test_purge_with_a_limit_deletes_at_most_that_many_per_call(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        for i in range(5):
+            parsed = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
+            spool.add([(parsed, orjson.dumps(wire.to_fields(parsed)))], [], 0.0)
+            spool.finish(f"r{i}", "sent", now=10.0, reply="250 ok")
+        assert [spool.purge("sent", 5, 100.0, limit=2) for _ in range(4)] == [2, 2, 1, 0]
