@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
+STATUS_INTERVAL = 10.0  # seconds between STATUS= updates when no watchdog is asked for
+
 
 class Notifier:
     """Sends notifications to the service manager named in the environment, if any."""
@@ -70,9 +72,6 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-
-STATUS_INTERVAL = 10.0  # seconds between STATUS= updates when no watchdog is asked for
 
 
 def _address(name: str) -> str | bytes | None:
