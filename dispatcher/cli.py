@@ -13,13 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
 
 from dispatcher.errors import DispatcherError
 from dispatcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from dispatcher.spool import Spool
 
 log = logging.getLogger("dispatcher")
 
@@ -31,9 +34,9 @@ class UsageError(DispatcherError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
     try:
         settings = load_settings(args.settings)
+        _configure_logging(args.log_level or settings.log.level)
         result: int = args.command(settings, args)
         return result
     except (DispatcherError, OSError) as exc:
@@ -53,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         "$DISPATCHER_SETTINGS, else ./settings.yaml, else built-in defaults)",
     )
     common.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: log.level from the settings (INFO)",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -78,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     status_cmd = command("status", status, "spool counts, oldest waiting request, recent failures")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     command("check", check, "validate settings; compile and render every template sample")
+    inspect_cmd = command("inspect", inspect, "a request, its attempts and its rendered message")
+    inspect_cmd.add_argument("id", metavar="ID")
+    inspect_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    retry_cmd = command("retry", retry, "make waiting or dead requests due now")
+    retry_what = retry_cmd.add_mutually_exclusive_group(required=True)
+    retry_what.add_argument("ids", nargs="*", default=[], metavar="ID")
+    retry_what.add_argument("--dead", action="store_true", help="every dead request")
+    purge_cmd = command("purge", purge, "delete sent or dead requests from the spool")
+    purge_what = purge_cmd.add_mutually_exclusive_group(required=True)
+    purge_what.add_argument("--dead", action="store_const", dest="state", const="dead")
+    purge_what.add_argument("--sent", action="store_const", dest="state", const="sent")
+    purge_cmd.add_argument(
+        "--older-than", metavar="AGE", help="only those that became sent or dead AGE ago (7d, 12h)"
+    )
     return parser
 
 
@@ -153,12 +172,18 @@ def render(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def status(settings: Settings, args: argparse.Namespace) -> int:
+def _open_spool(settings: Settings) -> "Spool":
     from dispatcher.spool import Spool
 
     if not settings.spool.path.exists():
         raise UsageError(f"no spool at {settings.spool.path} (has the daemon ever run?)")
-    with Spool(settings.spool.path) as spool:
+    return Spool(settings.spool.path)
+
+
+def status(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.admin import status_table
+
+    with _open_spool(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
     age = None if oldest is None else round(time.time() - oldest, 1)
     if args.json:
@@ -170,16 +195,48 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(f"spool {settings.spool.path}")
-    for state, n in counts.items():
-        print(f"  {state:<9}{n:>9}")
-    if age is not None:
-        print(f"oldest waiting request: {age} s")
-    if failures:
-        print("recent failures:")
-    for failure in failures:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["at"]))
-        print(f"  {when} {failure['state']:<8} {failure['id'] or '-'} {failure['reason']}")
+    print(status_table(str(settings.spool.path), counts, age, failures))
+    return 0
+
+
+def inspect(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.admin import inspect_report
+
+    with _open_spool(settings) as spool:
+        report = spool.inspect(args.id)
+    if report is None:
+        raise UsageError(f"no request {args.id!r} in {settings.spool.path}")
+    if args.json:
+        message = report["message"]
+        report["message"] = None if message is None else message.decode("utf-8", "replace")
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(inspect_report(report, time.time()))
+    return 0
+
+
+def retry(settings: Settings, args: argparse.Namespace) -> int:
+    with _open_spool(settings) as spool:
+        requeued = spool.retry(None if args.dead else args.ids, time.time())
+        missed = [i for i in args.ids if i not in requeued]
+        states = {i: (spool.inspect(i) or {}).get("state") for i in missed}
+    for request_id, state in states.items():
+        reason = "no such request" if state is None else f"it is {state}"
+        print(f"dispatcher: {request_id} not re-queued: {reason}", file=sys.stderr)
+    print(f"re-queued {len(requeued)} request{'s' * (len(requeued) != 1)}")
+    return 1 if missed else 0
+
+
+def purge(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.admin import parse_age
+
+    try:
+        older_than = None if args.older_than is None else parse_age(args.older_than)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with _open_spool(settings) as spool:
+        purged = spool.purge(args.state, older_than, time.time())
+    print(f"purged {purged} {args.state} request{'s' * (purged != 1)}")
     return 0
 
 

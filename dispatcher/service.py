@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import zmq.asyncio
 from dispatcher import overflow, wire
 from dispatcher.backoff import retry_delay
 from dispatcher.errors import InvalidRequest, StartupError, TemplateError
+from dispatcher.observer import Observer
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
 from dispatcher.spool import Row, Spool, now
@@ -31,7 +33,9 @@ log = logging.getLogger(__name__)
 
 RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: ~200k rows/s with synchronous=FULL
-IDLE_WAKE = 60.0  # the feeder re-reads the spool at least this often, whatever it was told
+# The feeder re-reads the spool at least this often, whatever it was told: also how soon it
+# sees a request that another process (`dispatcher retry`) made due. A cheap indexed query.
+IDLE_WAKE = 1.0
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
@@ -90,6 +94,7 @@ class Daemon:
             raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_)
         self.spool = Spool(settings.spool.path)
+        self.observer = Observer(settings, self.spool)
         self.context = zmq.asyncio.Context()
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -118,6 +123,7 @@ class Daemon:
         self.counts: Counter[str] = Counter()
 
     def close(self) -> None:
+        self.observer.close()
         self.pull.close(linger=0)
         self.receipts.close()
         self.context.term()
@@ -164,10 +170,12 @@ class Daemon:
         self.acknowledge(receipts)
         for request, _ in accepted:
             if request.id in added:
-                log.info("received %s template=%s", request.id, request.template)
+                domain = request.to[0].addr_spec.rpartition("@")[2] if request.to else "?"
+                log.info("received %s template=%s domain=%s", request.id, request.template, domain)
             else:
                 log.info("duplicate %s ignored: the spool already holds it", request.id)
         self.counts.update(received=len(added), rejected=len(rejected))
+        self.observer.count(received=len(added), rejected=len(rejected))
         if added:
             self.wake.set()
 
@@ -240,6 +248,7 @@ class Daemon:
     async def work(self) -> None:
         """One delivery worker with its own SMTP connection, kept open between messages."""
         async with SmtpConnection(self.settings.smtp) as connection:
+            self.observer.watch(connection)
             while True:
                 row = await self.queue.get()
                 try:
@@ -267,7 +276,9 @@ class Daemon:
         number = row.attempts + 1
         self.spool.start_attempt(row, number, now())
         try:
+            started = time.monotonic()
             attempt = await connection.deliver(row.envelope_from, row.recipients, row.message)
+            self.observer.attempted(time.monotonic() - started)
         except asyncio.CancelledError:
             # Shutdown cut the send short: the server may have the message, so it goes again
             # (same bytes, same Message-ID) and is flagged as a possible duplicate.
@@ -289,6 +300,7 @@ class Daemon:
         except (TemplateError, InvalidRequest) as exc:
             self.spool.finish(row.id, "dead", now=now(), reply=str(exc))
             self.counts["dead"] += 1
+            self.observer.count(dead=1)
             log.error("dead %s template=%s: %s", row.id, row.template, exc)
             return None
         return dataclasses.replace(
@@ -332,15 +344,17 @@ class Daemon:
         domain = (row.recipients or ["?"])[0].rpartition("@")[2]
         log.log(
             level,
-            "%s %s template=%s domain=%s attempt=%d %s",
+            "%s %s template=%s domain=%s attempt=%d code=%s %s",
             state,
             row.id,
             row.template,
             domain,
             number,
+            attempt.code,
             detail,
         )
         self.counts[state] += 1
+        self.observer.finished(state, row.created_at)
         if attempt.refused and state != "dead":
             log.error("refused %s: %s", row.id, attempt.refused)
 
@@ -351,6 +365,7 @@ class Daemon:
         recovered = self.spool.requeue_interrupted(now())
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
+        self.observer.start()  # metrics endpoint, then READY=1: every socket is bound
         log.info(
             "listening on %s (receipts on %s), delivering to %s:%d with %d connections",
             self.settings.intake.bind,
@@ -360,6 +375,7 @@ class Daemon:
             self.settings.smtp.connections,
         )
         async with asyncio.TaskGroup() as group:
+            watchdog = group.create_task(self.observer.keep_alive(), name="watchdog")
             intake = group.create_task(self.intake(), name="intake")
             feeder = group.create_task(self.feed(), name="feeder")
             chores = [
@@ -372,6 +388,7 @@ class Daemon:
             ]
             await stop.wait()
             log.info("stopping: no new requests; finishing sends in flight")
+            self.observer.stopping()
             intake.cancel()
             for chore in chores:
                 chore.cancel()
@@ -381,6 +398,7 @@ class Daemon:
                     break
             feeder.cancel()
             await self.stop_workers(workers)
+            watchdog.cancel()
         log.info(
             "stopped: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "idle"
         )

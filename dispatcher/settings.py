@@ -7,6 +7,7 @@ are read as YAML scalars, so `DISPATCHER_CLIENT__CONNECT='[tcp://10.0.0.5:5559]'
 Relative paths are relative to the settings file's folder (the working directory without one).
 """
 
+import ipaddress
 import os
 import types
 import typing
@@ -100,6 +101,37 @@ class RetrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How much the daemon and the commands log (`--log-level` overrides it)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus endpoint: off unless `bind` is set, and only ever on loopback."""
+
+    bind: str | None = None
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to serve on, or None when off; a `SettingsError` if not loopback."""
+        if self.bind is None:
+            return None
+        host, _, port = self.bind.rpartition(":")
+        host = host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not (loopback and port.isdigit() and 0 < int(port) < 65536):
+            raise SettingsError(
+                f"metrics.bind: expected a loopback HOST:PORT such as 127.0.0.1:9464,"
+                f" got {self.bind!r}"
+            )
+        return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the client and the daemon are configured with."""
 
@@ -110,6 +142,8 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     mail: MailSettings = field(default_factory=MailSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None  # the settings file, for messages; None means defaults only
 
 
@@ -290,6 +324,7 @@ def _checked(settings: Settings) -> Settings:
         )
     if retry.attempts < 1 or retry.max_age <= 0:
         raise SettingsError("retry.attempts and retry.max_age: must be positive")
+    settings.metrics.address()  # raises for an address that is not loopback
     from dispatcher.address import parse_address  # lazy: email-validator is slow to import
     from dispatcher.errors import InvalidRequest
 

@@ -19,6 +19,7 @@ from dispatcher.wire import PRIORITIES, Request
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200
+PURGE_BATCH = 5000  # requests deleted per transaction
 
 SCHEMA = """
 create table if not exists requests (
@@ -101,6 +102,24 @@ class Spool:
             self.db.executescript(f"begin immediate; {SCHEMA} commit;")
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
+
+    @classmethod
+    def reader(cls, path: Path, *, timeout: float = 5.0) -> "Spool":
+        """A read-only view for the reporting methods, from any thread (a metrics scrape runs
+        on the HTTP server's thread): no schema, no pragmas, never a write."""
+        spool = cls.__new__(cls)
+        try:
+            spool.db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                timeout=timeout,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
+        spool.durable = True
+        return spool
 
     def close(self) -> None:
         self.db.close()
@@ -259,27 +278,6 @@ class Spool:
                     (now, state, code, reply, request_id, number),
                 )
 
-    # -- retention ---------------------------------------------------------------------
-
-    def purge(
-        self, state: str, older_than: float | None, now: float, *, limit: int | None = None
-    ) -> int:
-        """Delete requests in `state` ("sent" or "dead") that reached it `older_than` seconds
-        ago or more (None: all), with their messages and attempts; returns how many.
-
-        `limit` bounds one call, so the daemon can prune a large backlog in slices without
-        holding the write lock (and its event loop) for long.
-        """
-        assert state in ("sent", "dead")
-        cutoff = now - older_than if older_than is not None else None
-        with self.transaction(durable=False) as db:
-            cursor = db.execute(
-                "delete from requests where id in (select id from requests where state = ?"
-                " and (? is null or updated_at <= ?) limit ?)",
-                (state, cutoff, cutoff, -1 if limit is None else limit),
-            )
-        return cursor.rowcount
-
     # -- reporting ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -304,6 +302,13 @@ class Spool:
         ).fetchone()
         return float(when) if when is not None else None
 
+    def waiting(self) -> int:
+        """How many requests are not yet sent or dead (cheap: reads only their index range)."""
+        (n,) = self.db.execute(
+            "select count(*) from requests where state in ('queued', 'retry', 'sending')"
+        ).fetchone()
+        return int(n)
+
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         """The newest dead requests and rejected frames, for `dispatcher status`."""
         dead = self.db.execute(
@@ -319,6 +324,96 @@ class Spool:
         newest = sorted(dead + rejected, reverse=True)[:limit]
         keys = ("at", "state", "id", "template", "reason")
         return [dict(zip(keys, row, strict=True)) for row in newest]
+
+    # -- administration (`dispatcher inspect`, `retry`, `purge`) -------------------------
+
+    def inspect(self, request_id: str) -> dict[str, Any] | None:
+        """Everything the spool holds about one request, or None if it holds nothing."""
+        cursor = self.db.cursor()
+        cursor.row_factory = sqlite3.Row  # this cursor only: columns by name
+        found = cursor.execute(
+            "select id, state, template, priority, created_at, updated_at, next_attempt_at,"
+            " attempts, recipients, delivered, refused, last_reply, maybe_duplicate, request,"
+            " message_id, envelope_from, data as message from requests"
+            " left join messages on messages.request_id = requests.id where id = ?",
+            (request_id,),
+        ).fetchone()
+        if found is None:
+            return None
+        report = dict(found)
+        for key in ("recipients", "delivered", "refused", "request"):
+            if report[key] is not None:
+                report[key] = orjson.loads(report[key])
+        report["maybe_duplicate"] = bool(report["maybe_duplicate"])
+        report["attempt_log"] = [
+            dict(attempt)
+            for attempt in cursor.execute(
+                "select number, started_at, finished_at, outcome, code, reply from attempts"
+                " where request_id = ? order by number",
+                (request_id,),
+            )
+        ]
+        return report
+
+    def retry(self, request_ids: Sequence[str] | None, now: float) -> list[str]:
+        """Make requests due now: the given ones if they wait or are dead, else every dead one.
+
+        A dead request gets its undelivered recipients back (also those refused with a 5xx:
+        the operator retries because something was fixed). Its attempt count is kept, so one
+        more temporary failure of a request past `retry.attempts` or `retry.max_age` makes it
+        dead again. Returns the ids that were re-queued.
+        """
+        with self.transaction() as db:
+            if request_ids is None:
+                found = db.execute(
+                    "select id, recipients, refused from requests where state = 'dead'"
+                ).fetchall()
+            else:
+                marks = ", ".join("?" * len(request_ids))
+                found = db.execute(
+                    "select id, recipients, refused from requests"
+                    f" where state in ('queued', 'retry', 'dead') and id in ({marks})",
+                    list(request_ids),
+                ).fetchall()
+            for request_id, recipients, refused in found:
+                if recipients is not None:  # rendered: the message goes to whoever lacks it
+                    waiting = dict.fromkeys([*orjson.loads(recipients), *orjson.loads(refused)])
+                    recipients = orjson.dumps(list(waiting))
+                db.execute(
+                    "update requests set state = case when attempts = 0 then 'queued'"
+                    " else 'retry' end, next_attempt_at = ?, recipients = ?, refused = '{}',"
+                    " updated_at = ? where id = ?",
+                    (now, recipients, now, request_id),
+                )
+        return [request_id for request_id, _, _ in found]
+
+    def purge(
+        self, state: str, older_than: float | None, now: float, *, limit: int | None = None
+    ) -> int:
+        """Delete sent or dead requests (with their messages and attempts) that reached that
+        state `older_than` seconds ago or more (None: all of them); returns how many.
+
+        Deletes in transactions of at most PURGE_BATCH requests, so the daemon writing to the
+        same spool never waits long for the lock. `limit` bounds one call, so the daemon can
+        prune a backlog in slices between its other work.
+        """
+        if state not in ("sent", "dead"):
+            raise ValueError(f"only sent or dead requests can be purged, not {state!r}")
+        cutoff = float("inf") if older_than is None else now - older_than
+        purged = 0
+        while True:
+            batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
+            with self.transaction(durable=False) as db:
+                ids = db.execute(
+                    "select id from requests where state = ? and updated_at <= ? limit ?",
+                    (state, cutoff, batch),
+                ).fetchall()
+                db.executemany("delete from attempts where request_id = ?", ids)
+                db.executemany("delete from messages where request_id = ?", ids)
+                db.executemany("delete from requests where id = ?", ids)
+            purged += len(ids)
+            if len(ids) < batch or purged == limit:
+                return purged
 
 
 def _row(r: tuple[Any, ...]) -> Row:

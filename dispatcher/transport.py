@@ -86,6 +86,11 @@ class SmtpConnection:
     ) -> None:
         await self.close()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether a connection to the server is open now (for the metrics)."""
+        return self._smtp is not None and self._smtp.is_connected
+
     async def deliver(self, envelope_from: str, recipients: Sequence[str], data: bytes) -> Attempt:
         """Send `data` (the whole message, headers included) to `recipients`; never raises for
         SMTP or network failures, which come back classified in the `Attempt`."""

@@ -48,20 +48,22 @@ def write_settings(folder: Path, smtp_port: int, **sections: dict[str, Any]) -> 
 class DaemonProcess:
     """`python -m dispatcher run` in a subprocess; its log lines are collected as they come."""
 
-    def __init__(self, settings_path: Path) -> None:
+    def __init__(self, settings_path: Path, env: dict[str, str] | None = None) -> None:
         self.settings_path = settings_path
         self.settings: Settings = load_settings(settings_path, environ={})
         self.lines: list[str] = []
         self.log_closed = False  # the process ended and its stderr is read to the end
         self._changed = threading.Condition()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("JOURNAL_STREAM", None)
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            environ.pop(name, None)  # the test run's own service manager is not the daemon's
+        environ.update(env or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "run", "--settings", str(settings_path)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            env=env,
+            env=environ,
         )
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_for_log("listening on", START_TIMEOUT)
@@ -132,8 +134,8 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory: start a daemon on a settings file; every one started is stopped afterwards."""
     started: list[DaemonProcess] = []
 
-    def start(settings_path: Path) -> DaemonProcess:
-        daemon = DaemonProcess(settings_path)
+    def start(settings_path: Path, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(settings_path, env)
         started.append(daemon)
         return daemon
 

@@ -1,0 +1,115 @@
+"""Queue administration for people: what `status` and `inspect` print, and what AGE means.
+
+The spool does the work (`Spool.inspect`, `retry`, `purge`); this module only turns its
+answers into text an operator reads at 3 a.m., and parses what the operator types.
+"""
+
+import re
+import time
+from typing import Any
+
+import orjson
+
+from dispatcher.wire import PRIORITIES
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_age(text: str) -> float:
+    """Seconds from `7d`, `12h`, `30m` or `90s`; a ValueError that says so for anything else."""
+    match = _AGE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"--older-than: expected a number and a unit (s, m, h or d) such as 7d or 12h,"
+            f" got {text!r}"
+        )
+    return float(match[1]) * AGE_UNITS[match[2]]
+
+
+def duration(seconds: float) -> str:
+    """`45s`, `12m 05s`, `3h 20m`, `2d 4h`: two units are all a person needs."""
+    seconds = max(0, round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def timestamp(when: float | None) -> str:
+    if when is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def status_table(
+    spool: str,
+    counts: dict[str, int],
+    oldest_age: float | None,
+    failures: list[dict[str, Any]],
+) -> str:
+    """`dispatcher status` for people: counts by state, the oldest wait, recent failures."""
+    lines = [f"spool {spool}", "", f"{'state':<10}{'requests':>10}"]
+    for state, n in counts.items():
+        note = "  (frames refused at intake)" if state == "rejected" else ""
+        lines.append(f"{state:<10}{n:>10}{note}")
+    lines.append("")
+    waited = "nothing waits" if oldest_age is None else duration(oldest_age)
+    lines.append(f"oldest waiting request: {waited}")
+    if failures:
+        lines += ["", "recent failures:"]
+    for failure in failures:
+        lines.append(
+            f"  {timestamp(failure['at'])}  {failure['state']:<8}  {failure['id'] or '-':<32}"
+            f"  {failure['template'] or '-'}  {failure['reason']}"
+        )
+    return "\n".join(lines)
+
+
+def inspect_report(report: dict[str, Any], at: float) -> str:
+    """`dispatcher inspect ID`: the request, every attempt with its reply, the message."""
+    names = {number: name for name, number in PRIORITIES.items()}
+    state = report["state"] + (" (possibly delivered twice)" if report["maybe_duplicate"] else "")
+    lines = [
+        f"request      {report['id']}",
+        f"state        {state}",
+        f"template     {report['template']}",
+        f"priority     {names.get(report['priority'], report['priority'])}",
+        f"created      {timestamp(report['created_at'])} ({duration(at - report['created_at'])}"
+        " ago)",
+        f"updated      {timestamp(report['updated_at'])}",
+    ]
+    if report["state"] in ("queued", "retry"):
+        lines.append(f"next attempt {timestamp(report['next_attempt_at'])}")
+    if report["recipients"] is not None:
+        lines.append(f"to deliver   {', '.join(report['recipients']) or '-'}")
+    if report["delivered"]:
+        lines.append(f"delivered    {', '.join(report['delivered'])}")
+    for recipient, reply in report["refused"].items():
+        lines.append(f"refused      {recipient}: {reply}")
+    if report["last_reply"]:
+        lines.append(f"last reply   {report['last_reply']}")
+    lines += ["", f"attempts ({len(report['attempt_log'])}):"]
+    for attempt in report["attempt_log"]:
+        took = attempt["finished_at"] and f"{attempt['finished_at'] - attempt['started_at']:.2f} s"
+        lines.append(
+            f"  #{attempt['number']}  {timestamp(attempt['started_at'])}  {took or 'unfinished'}"
+            f"  {attempt['outcome'] or '-'}  code {attempt['code'] or '-'}"
+            f"  {attempt['reply'] or ''}"
+        )
+    request = orjson.dumps(report["request"], option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    lines += ["", "request as received:", request.decode(), ""]
+    if report["message"] is None:
+        lines.append("message: not rendered yet (rendered at the first attempt)")
+    else:
+        lines += [
+            f"message as sent ({len(report['message'])} bytes, every attempt sends these):",
+            report["message"].decode("utf-8", "replace"),
+        ]
+    return "\n".join(lines)

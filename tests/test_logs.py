@@ -1,0 +1,82 @@
+"""The daemon's log: one line per event, with what an operator greps for; journald-friendly."""
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+import dispatcher
+from dispatcher import client
+from tests.daemon import DaemonProcess, write_settings
+from tests.smtp_server import SmtpServer
+
+StartDaemon = Callable[..., DaemonProcess]
+ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+UNSTAMPED = re.compile(r"^(DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
+
+
+@pytest.fixture(autouse=True)
+def fresh_client() -> Iterator[None]:
+    yield
+    client._state.close()
+
+
+def test_every_event_is_one_line_with_id_template_domain_code_and_attempt(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    smtp_server.fail_data(times=1, reply="451 4.3.0 Try again later")
+    smtp_server.refuse_recipient("gone@mail.example.org", "550 5.1.1 No such user")
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    dispatcher.configure(daemon.settings_path)
+    sent = dispatcher.enqueue_email("welcome", to="ada@example.com", context=ADA)
+    assert dispatcher.flush(10)
+    daemon.wait_for_counts(sent=1)
+    dead = dispatcher.enqueue_email("welcome", to="gone@mail.example.org", context=ADA)
+    assert dispatcher.flush(10)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.linger = 5000
+        push.connect(daemon.settings.intake.bind)
+        push.send(b"sending 0")
+    daemon.wait_for_counts(dead=1, rejected=1)
+    assert daemon.stop() == 0
+    lines = daemon.lines
+    assert all(STAMPED.match(line) for line in lines), lines
+
+    def one(pattern: str) -> str:
+        (line,) = [line for line in lines if re.search(pattern, line)]
+        return line
+
+    assert one(f"INFO .*received {sent} template=welcome domain=example.com$")
+    assert one(f"WARNING .*retry {sent} template=welcome domain=example.com attempt=1 code=451 ")
+    assert one(f"INFO .*sent {sent} template=welcome domain=example.com attempt=2 code=250 ")
+    assert one(f"ERROR .*dead {dead} template=welcome domain=mail.example.org attempt=1 code=550")
+    assert one("WARNING .*rejected: ")
+
+
+def test_under_journald_no_timestamp_and_the_level_comes_from_settings(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    settings = write_settings(tmp_path, smtp_server.port, log={"level": "DEBUG"})
+    daemon = start_daemon(settings, {"JOURNAL_STREAM": "8:12345"})
+    dispatcher.configure(settings)
+    dispatcher.enqueue_email("welcome", to="ada@example.com", context=ADA)
+    assert dispatcher.flush(10)
+    daemon.wait_for_counts(sent=1)
+    assert daemon.stop() == 0
+    assert all(UNSTAMPED.match(line) for line in daemon.lines), daemon.lines
+    assert any(line.startswith("DEBUG dispatcher.transport: connected to") for line in daemon.lines)
+
+
+def test_the_default_level_is_info(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    dispatcher.configure(daemon.settings_path)
+    dispatcher.enqueue_email("welcome", to="ada@example.com", context=ADA)
+    assert dispatcher.flush(10)
+    daemon.wait_for_counts(sent=1)
+    assert daemon.stop() == 0
+    assert not any(" DEBUG " in line for line in daemon.lines)
