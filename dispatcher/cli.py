@@ -13,13 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
 
 from dispatcher.errors import DispatcherError
 from dispatcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from dispatcher.render import Renderer
 
 log = logging.getLogger("dispatcher")
 
@@ -69,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("template", metavar="NAME")
     send_cmd.add_argument("--to", required=True, action="append", metavar="ADDR")
     send_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
+    send_cmd.add_argument("--sample", metavar="NAME", help="a sample from preview.yaml")
     render_cmd = command("render", render, "print what would be sent, without sending")
     render_cmd.add_argument("template", metavar="NAME")
     render_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
@@ -78,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     status_cmd = command("status", status, "spool counts, oldest waiting request, recent failures")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     command("check", check, "validate settings; compile and render every template sample")
+    preview_cmd = command("preview", preview, "the template preview web UI on 127.0.0.1")
+    preview_cmd.add_argument("--port", type=int, default=8025, help="default: 8025")
+    dev_cmd = command("dev", dev, "daemon + capture SMTP server (smtp.port) + preview UI")
+    dev_cmd.add_argument("--port", type=int, default=8025, help="the UI's port; default: 8025")
     return parser
 
 
@@ -108,8 +116,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def send(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.client import Client, build_frame
+    from dispatcher.render import Renderer
 
-    request_id, frame = build_frame(args.template, to=args.to, context=_read_context(args.context))
+    renderer = Renderer(settings.templates.dir, settings.mail.from_)
+    context = _template_context(renderer, args)
+    request_id, frame = build_frame(args.template, to=args.to, context=context)
     sender = Client(settings)
     try:
         handed_over = sender.send(frame, request_id)
@@ -122,26 +133,36 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def render(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher import wire
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    context = _read_context(args.context)
-    if args.sample:
-        samples = renderer.samples(args.template)
-        if args.sample not in samples:
-            known = ", ".join(samples) or "none"
-            raise UsageError(f"{args.template}: no sample {args.sample!r} (samples: {known})")
-        context = {**samples[args.sample], **context}
-    request = wire.validate(
-        {"v": wire.VERSION, "template": args.template, "to": args.to, "context": context}
-    )
+    context = _template_context(renderer, args)
     if args.format == "eml":
-        sys.stdout.buffer.write(renderer.render(request).data)
+        sys.stdout.buffer.write(renderer.render_example(args.template, context, args.to).data)
         return 0
     parts = renderer.render_parts(args.template, context)
-    print(parts.text if args.format == "text" else parts.html or "")
+    if args.format == "html" and parts.html is None:
+        raise UsageError(f"{args.template}: has no body.html; try --format text")
+    print(parts.text if args.format == "text" else parts.html)
     return 0
+
+
+def _template_context(renderer: "Renderer", args: argparse.Namespace) -> dict[str, Any]:
+    """`--sample` from preview.yaml overlaid with `--context`; without either, the `default`
+    sample, so `dispatcher send welcome --to me@example.com` shows a real mail in `dev`."""
+    context = _read_context(args.context)
+    sample = args.sample
+    if sample is None and args.context is None and renderer.has_template(args.template):
+        sample = "default" if "default" in renderer.samples(args.template) else None
+        if sample:
+            print(f"{args.template}: no --context: using sample 'default'", file=sys.stderr)
+    if sample is None:
+        return context
+    samples = renderer.samples(args.template)
+    if sample not in samples:
+        known = ", ".join(samples) or "none"
+        raise UsageError(f"{args.template}: no sample {sample!r} (samples: {known})")
+    return {**samples[sample], **context}
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
@@ -175,35 +196,39 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def check(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher.errors import TemplateError
-    from dispatcher.render import Renderer
+    from dispatcher.render import Renderer, check_templates
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    names = renderer.template_names()
-    if not names:
+    report = check_templates(renderer)
+    if not report.templates:
         raise UsageError(f"no templates in {settings.templates.dir}")
-    failures = 0
-    for name in names:
-        try:
-            samples = renderer.samples(name)
-        except TemplateError as exc:
-            print(exc)
-            failures += 1
-            continue
-        if not samples:
-            print(f"warning: {name}: no samples in preview.yaml; rendered with an empty context")
-        for sample, context in (samples or {"(empty)": {}}).items():
-            try:
-                renderer.render_parts(name, context)
-            except TemplateError as exc:
-                print(f"{exc} [template {name}, sample {sample}]")
-                failures += 1
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    for failure in report.failures:
+        print(failure)
+    failures = len(report.failures)
     print(
-        f"checked {len(names)} templates: {failures} failures"
+        f"checked {report.templates} templates: {failures} failures"
         if failures
-        else f"ok: settings and {len(names)} templates"
+        else f"ok: settings and {report.templates} templates"
     )
     return 1 if failures else 0
+
+
+def preview(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.preview import serve_preview
+
+    serve_preview(settings, args.port)
+    return 0
+
+
+def dev(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.devserver import develop
+
+    # aiosmtpd logs every SMTP command at INFO; the capture's own line says what matters.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    asyncio.run(develop(settings, args.port))
+    return 0
 
 
 if __name__ == "__main__":
