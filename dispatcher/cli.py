@@ -119,7 +119,7 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    context = _template_context(renderer, args)
+    context, sample = _template_context(renderer, args)
     request_id, frame = build_frame(args.template, to=args.to, context=context)
     sender = Client(settings)
     try:
@@ -128,6 +128,8 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
         sender.close()
     if not handed_over:
         return 1
+    if sample and not args.sample:
+        print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)
     print(request_id)
     return 0
 
@@ -136,7 +138,7 @@ def render(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    context = _template_context(renderer, args)
+    context, _ = _template_context(renderer, args)
     if args.format == "eml":
         sys.stdout.buffer.write(renderer.render_example(args.template, context, args.to).data)
         return 0
@@ -147,22 +149,23 @@ def render(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _template_context(renderer: "Renderer", args: argparse.Namespace) -> dict[str, Any]:
-    """`--sample` from preview.yaml overlaid with `--context`; without either, the `default`
-    sample, so `dispatcher send welcome --to me@example.com` shows a real mail in `dev`."""
+def _template_context(
+    renderer: "Renderer", args: argparse.Namespace
+) -> tuple[dict[str, Any], str | None]:
+    """The context and the sample it came from: `--sample` from preview.yaml overlaid with
+    `--context`; with neither, the `default` sample, so that `dispatcher send welcome --to
+    me@example.com` under `dispatcher dev` shows a real mail rather than an undefined name."""
     context = _read_context(args.context)
     sample = args.sample
     if sample is None and args.context is None and renderer.has_template(args.template):
         sample = "default" if "default" in renderer.samples(args.template) else None
-        if sample:
-            print(f"{args.template}: no --context: using sample 'default'", file=sys.stderr)
     if sample is None:
-        return context
+        return context, None
     samples = renderer.samples(args.template)
     if sample not in samples:
         known = ", ".join(samples) or "none"
         raise UsageError(f"{args.template}: no sample {sample!r} (samples: {known})")
-    return {**samples[sample], **context}
+    return {**samples[sample], **context}, sample
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:

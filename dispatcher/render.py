@@ -48,6 +48,7 @@ _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 # can be is copied into `style` attributes. At-rules (@media) cannot be inlined, so they stay in a
 # <style> block for the clients that honour them. Nothing is ever fetched: <link> stylesheets are
 # dropped, not loaded, so rendering never touches the network.
+_STYLE_TAG = re.compile(r"<style\b", re.IGNORECASE)
 _CSS_INLINER = css_inline.CSSInliner(
     load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
 )
@@ -332,7 +333,13 @@ def check_templates(renderer: Renderer) -> CheckReport:
 
 
 def inline_css(html: str, where: str | None = None) -> str:
-    """The HTML part as mail clients want it: `<style>` rules moved into `style` attributes."""
+    """The HTML part as mail clients want it: `<style>` rules moved into `style` attributes.
+
+    HTML without a `<style>` block is returned as written: the inliner would re-serialise it
+    (wrapping a fragment in `<html><body>`) for nothing.
+    """
+    if not _STYLE_TAG.search(html):
+        return html
     try:
         return _CSS_INLINER.inline(html)
     except ValueError as exc:  # css-inline raises ValueError for CSS it cannot parse

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from tests.ui import UiProcess, start_ui  # noqa: F401  (fixture)
+from tests.ui import UiProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags known to start headless Chromium reliably as root in a container, without any network

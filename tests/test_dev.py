@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.daemon import ROOT, run_cli, write_settings
 from tests.smtp_server import free_port
 from tests.test_cli import assert_one_line_error
-from tests.ui import UiProcess, start_ui  # noqa: F401  (fixture)
+from tests.ui import UiProcess
 
 StartUi = Callable[..., UiProcess]
 
@@ -42,7 +42,7 @@ def test_a_sent_mail_appears_in_the_outbox(start_ui: StartUi, tmp_path: Path) ->
     version = ui.get("/version").text
     sent = run_cli("send", "welcome", "--to", "me@example.com", settings=settings)
     assert sent.returncode == 0, sent.stderr
-    assert "using sample 'default'" in sent.stderr
+    assert "sent with sample 'default'" in sent.stderr
     (message_id,) = wait_for_outbox(ui, 1)
     assert ui.get("/version").text != version  # so an open Outbox page reloads itself
     page = ui.get(f"/outbox/{message_id}")

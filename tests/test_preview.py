@@ -7,7 +7,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.ui import UiProcess, start_ui  # noqa: F401  (fixture)
+from tests.ui import UiProcess
 
 StartUi = Callable[..., UiProcess]
 
