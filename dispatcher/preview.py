@@ -10,6 +10,7 @@ into the exact bytes the daemon would send, so what you see (inlined CSS, derive
 encoded headers) is what a mail client gets, and captured mail is shown by the same code.
 """
 
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -33,6 +34,7 @@ from dispatcher.errors import InvalidRequest, StartupError, TemplateError
 from dispatcher.outbox import Outbox
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
+from dispatcher.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 8025
 VIEWS = ("desktop", "mobile", "text", "headers")
 SOURCE_CONTEXT = 2  # template lines shown around the line of an error
+FAILURES_LISTED = 20  # requests the Outbox lists as not delivered
 # The UI's own pages load nothing but this server's script and style sheet.
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -111,6 +114,8 @@ class PreviewApp:
     def __init__(self, settings: Settings, outbox: Outbox | None = None) -> None:
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_, auto_reload=True)
         self.outbox = outbox
+        # With an Outbox, the dev daemon's spool too: what it could not deliver is shown there.
+        self.spool_path = settings.spool.path if outbox is not None else None
         self._lock = threading.Lock()  # one render at a time: Jinja's cache is shared
         self._pages = jinja2.Environment(
             loader=jinja2.PackageLoader("dispatcher", "ui"),
@@ -165,13 +170,15 @@ class PreviewApp:
     def sample(self, name: str, sample: str, view: str = "desktop") -> Response:
         """One sample as a page (`view` is one of VIEWS), its HTML part (`html`) or `eml`."""
         self._template_folder(name)
-        context = self._sample_context(name, sample)
-        data: bytes | None = None
-        error: dict[str, Any] | None = None
-        try:
-            data = self._render(name, context)
-        except (TemplateError, InvalidRequest) as exc:
-            error = self._error(exc)
+        samples, error = self._samples(name)
+        if error is None and sample not in samples:
+            raise NotFound(f"sample {sample!r} of template {name!r}")
+        data = None
+        if error is None:
+            try:
+                data = self._render(name, samples[sample])
+            except (TemplateError, InvalidRequest) as exc:
+                error = self._error(exc)
         base = f"/templates/{_quote(name)}/{_quote(sample)}"
         crumbs = [("Templates", "/"), (name, f"/templates/{_quote(name)}"), (sample, None)]
         return self._message(data, view, base, f"{name}-{sample}", error=error, crumbs=crumbs)
@@ -192,7 +199,8 @@ class PreviewApp:
                     "received": _local_time(captured.received_at),
                 }
             )
-        return self._page("outbox.html", messages=messages, folder=outbox.folder)
+        failures = [{**failure, "at": _local_time(failure["at"])} for failure in self._failures()]
+        return self._page("outbox.html", messages=messages, failures=failures, folder=outbox.folder)
 
     def captured(self, message_id: str, view: str = "desktop") -> Response:
         """A captured message, shown exactly as a sample is."""
@@ -213,6 +221,11 @@ class PreviewApp:
             digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
         if self.outbox is not None:
             digest.update(self.outbox.version().encode())
+        if self.spool_path is not None:  # a request died or was rejected: the Outbox says so
+            for spool_file in (self.spool_path, Path(f"{self.spool_path}-wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    written = spool_file.stat()
+                    digest.update(f"{written.st_mtime_ns}\0{written.st_size}\n".encode())
         return Response(
             digest.hexdigest()[:16].encode(),
             "text/plain; charset=utf-8",
@@ -240,22 +253,22 @@ class PreviewApp:
     def _message(
         self, data: bytes | None, view: str, base: str, stem: str, **values: Any
     ) -> Response:
-        """The message page in one of its VIEWS, or the message's HTML part, or its .eml."""
+        """The message page in one of its VIEWS, or the message's HTML part, or its .eml.
+
+        `data` is None when the template does not render: the page then shows `error`.
+        """
         if view not in (*VIEWS, "html", "eml"):
             raise NotFound(f"{base}/{view}")
         message = None if data is None else message_view(data)
-        if message is None and view in ("html", "eml"):
-            error = values["error"]["message"] if values.get("error") else "no message"
-            raise NotFound(f"{base}/{view}: {error}")
         if view == "eml" and data is not None:
             filename = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) + ".eml"
             disposition = f'attachment; filename="{filename}"'
             return Response(data, "message/rfc822", headers={"Content-Disposition": disposition})
-        if view == "html" and message is not None:
-            if message.html is None:
-                raise NotFound(f"{base}/html: the message has no HTML part")
+        if view == "html" and message is not None and message.html is not None:
             headers = {"Content-Security-Policy": MAIL_CSP, "X-Content-Type-Options": "nosniff"}
             return Response(message.html.encode(), headers=headers)
+        if view in ("html", "eml"):
+            raise NotFound(f"{base}/{view}: the message does not render or has no HTML part")
         if message is not None and message.html is None and view in ("desktop", "mobile"):
             view = "text"  # a text-only template has nothing to show in the iframe
         values.setdefault("envelope", None)
@@ -274,15 +287,17 @@ class PreviewApp:
             raise NotFound(f"template {name!r}")
         return self.renderer.templates_dir / name
 
-    def _sample_context(self, name: str, sample: str) -> dict[str, Any]:
-        samples, error = self._samples(name)
-        if error is None and sample not in samples:
-            raise NotFound(f"sample {sample!r} of template {name!r}")
-        return samples.get(sample, {})
-
     def _render(self, name: str, context: dict[str, Any]) -> bytes:
         with self._lock:
             return self.renderer.render_example(name, context).data
+
+    def _failures(self) -> list[dict[str, Any]]:
+        """The newest dead requests and rejected frames of the dev daemon: without them, a
+        request with a template error would leave no trace in the browser."""
+        if self.spool_path is None or not self.spool_path.exists():
+            return []
+        with Spool(self.spool_path) as spool:
+            return spool.recent_failures(FAILURES_LISTED)
 
     def _outbox(self) -> Outbox:
         if self.outbox is None:

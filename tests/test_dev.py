@@ -75,6 +75,24 @@ def test_outbox_is_newest_first_and_survives_a_restart(start_ui: StartUi, tmp_pa
     assert "Welcome to Example, Ada!" in again.get(f"/outbox/{oldest}").text
 
 
+def test_a_request_that_cannot_be_rendered_is_shown_with_its_reason(
+    start_ui: StartUi, tmp_path: Path
+) -> None:
+    settings = dev_settings(tmp_path)
+    ui = start_ui("dev", settings)
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    sent = run_cli(
+        "send", "welcome", "--to", "me@example.com", "--context", str(empty), settings=settings
+    )
+    assert sent.returncode == 0, sent.stderr
+    ui.wait_for_log(f"dead {sent.stdout.strip()}")
+    page = ui.get("/outbox").text
+    assert "Not delivered" in page
+    assert f"{sent.stdout.strip()} (welcome)" in page
+    assert "templates/welcome/subject.txt:1: &#39;name&#39; is undefined" in page
+
+
 def test_one_ctrl_c_stops_daemon_capture_and_preview(start_ui: StartUi, tmp_path: Path) -> None:
     settings = dev_settings(tmp_path)
     ui = start_ui("dev", settings)

@@ -132,6 +132,8 @@ def test_a_broken_preview_yaml_is_shown_with_its_line(start_ui: StartUi, tmp_pat
     index = ui.get("/")
     assert "templates/invoice/preview.yaml:3: invalid YAML" in index.text
     assert "templates/invoice/preview.yaml:3" in ui.get("/templates/invoice").text
+    sample = ui.get("/templates/invoice/paid")  # the YAML error, not a missing variable
+    assert "templates/invoice/preview.yaml:3: invalid YAML" in sample.text
 
 
 def test_an_edited_template_shows_without_a_restart(start_ui: StartUi, tmp_path: Path) -> None:
