@@ -4,9 +4,12 @@ server process on a templates folder it has never seen."""
 import email
 import email.policy
 import html
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.daemon import ROOT, run_cli, write_settings
+from tests.test_cli import assert_one_line_error
 from tests.ui import UiProcess
 
 StartUi = Callable[..., UiProcess]
@@ -157,3 +160,14 @@ def test_ctrl_c_stops_the_preview_with_status_0(start_ui: StartUi) -> None:
     assert ui.interrupt() == 0
     assert "preview stopped" in ui.log
     assert "Traceback" not in ui.log
+
+
+def test_startup_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    missing = write_settings(tmp_path, 1025, templates={"dir": "missing"})
+    assert_one_line_error(run_cli("preview", "--port", "0", settings=missing), "templates.dir:")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli("preview", "--port", port, settings=ROOT / "settings.yaml")
+        assert_one_line_error(result, f"--port {port}: cannot serve the preview")
