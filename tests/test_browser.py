@@ -37,6 +37,7 @@ def test_click_through_to_a_sample_and_see_it_rendered(
         pytest.fail("chromium is not installed: run .ci/run, or apt-get install chromium")
     ui = start_ui()
     screenshot = tmp_path / "sample.png"
+    expect.set_options(timeout=TIMEOUT_MS)  # assertions wait this long (default 5 s)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS
@@ -59,6 +60,10 @@ def test_click_through_to_a_sample_and_see_it_rendered(
             expect(page.locator("pre.text")).to_contain_text("Pay now")
             page.get_by_role("link", name="HTML mobile").click()
             expect(mail.get_by_text("Amount due: 990.00 EUR")).to_be_visible()
+            # Live refresh: an edit shows up in the open page, nobody presses reload.
+            body = tmp_path / "templates" / "invoice" / "body.html"
+            body.write_text(body.read_text().replace("Amount due", "Still to pay"))
+            expect(mail.get_by_text("Still to pay: 990.00 EUR")).to_be_visible()
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
