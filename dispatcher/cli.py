@@ -22,6 +22,7 @@ from dispatcher.errors import DispatcherError
 from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from dispatcher.render import Renderer
     from dispatcher.spool import Spool
 
 log = logging.getLogger("dispatcher")
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("template", metavar="NAME")
     send_cmd.add_argument("--to", required=True, action="append", metavar="ADDR")
     send_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
+    send_cmd.add_argument("--sample", metavar="NAME", help="a sample from preview.yaml")
     render_cmd = command("render", render, "print what would be sent, without sending")
     render_cmd.add_argument("template", metavar="NAME")
     render_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
@@ -97,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     purge_cmd.add_argument(
         "--older-than", metavar="AGE", help="only those that became sent or dead AGE ago (7d, 12h)"
     )
+    preview_cmd = command("preview", preview, "the template preview web UI on 127.0.0.1")
+    preview_cmd.add_argument("--port", type=int, default=8025, help="default: 8025")
+    dev_cmd = command("dev", dev, "daemon + capture SMTP server (smtp.port) + preview UI")
+    dev_cmd.add_argument("--port", type=int, default=8025, help="the UI's port; default: 8025")
     return parser
 
 
@@ -129,16 +135,21 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
     """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
     from dispatcher.client import build_frame
     from dispatcher.handoff import Handoff
+    from dispatcher.render import Renderer
 
+    renderer = Renderer(settings.templates.dir, settings.mail.from_)
+    context, sample = _template_context(renderer, args)
     handoff = Handoff(settings)
     try:
         request_id, frame = build_frame(
-            args.template, client=handoff.client_id, to=args.to, context=_read_context(args.context)
+            args.template, client=handoff.client_id, to=args.to, context=context
         )
         handoff.submit(request_id, frame)
         acknowledged = handoff.flush(2 * settings.client.ack_timeout)
     finally:
         handoff.close(0)
+    if sample and not args.sample:
+        print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)
     print(request_id)
     if not acknowledged:
         print(
@@ -150,26 +161,37 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def render(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher import wire
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    context = _read_context(args.context)
-    if args.sample:
-        samples = renderer.samples(args.template)
-        if args.sample not in samples:
-            known = ", ".join(samples) or "none"
-            raise UsageError(f"{args.template}: no sample {args.sample!r} (samples: {known})")
-        context = {**samples[args.sample], **context}
-    request = wire.validate(
-        {"v": wire.VERSION, "template": args.template, "to": args.to, "context": context}
-    )
+    context, _ = _template_context(renderer, args)
     if args.format == "eml":
-        sys.stdout.buffer.write(renderer.render(request).data)
+        sys.stdout.buffer.write(renderer.render_example(args.template, context, args.to).data)
         return 0
     parts = renderer.render_parts(args.template, context)
-    print(parts.text if args.format == "text" else parts.html or "")
+    if args.format == "html" and parts.html is None:
+        raise UsageError(f"{args.template}: has no body.html; try --format text")
+    print(parts.text if args.format == "text" else parts.html)
     return 0
+
+
+def _template_context(
+    renderer: "Renderer", args: argparse.Namespace
+) -> tuple[dict[str, Any], str | None]:
+    """The context and the sample it came from: `--sample` from preview.yaml overlaid with
+    `--context`; with neither, the `default` sample, so that `dispatcher send welcome --to
+    me@example.com` under `dispatcher dev` shows a real mail rather than an undefined name."""
+    context = _read_context(args.context)
+    sample = args.sample
+    if sample is None and args.context is None and renderer.has_template(args.template):
+        sample = "default" if "default" in renderer.samples(args.template) else None
+    if sample is None:
+        return context, None
+    samples = renderer.samples(args.template)
+    if sample not in samples:
+        known = ", ".join(samples) or "none"
+        raise UsageError(f"{args.template}: no sample {sample!r} (samples: {known})")
+    return {**samples[sample], **context}, sample
 
 
 def _open_spool(settings: Settings) -> "Spool":
@@ -241,35 +263,39 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def check(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher.errors import TemplateError
-    from dispatcher.render import Renderer
+    from dispatcher.render import Renderer, check_templates
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
-    names = renderer.template_names()
-    if not names:
+    report = check_templates(renderer)
+    if not report.templates:
         raise UsageError(f"no templates in {settings.templates.dir}")
-    failures = 0
-    for name in names:
-        try:
-            samples = renderer.samples(name)
-        except TemplateError as exc:
-            print(exc)
-            failures += 1
-            continue
-        if not samples:
-            print(f"warning: {name}: no samples in preview.yaml; rendered with an empty context")
-        for sample, context in (samples or {"(empty)": {}}).items():
-            try:
-                renderer.render_parts(name, context)
-            except TemplateError as exc:
-                print(f"{exc} [template {name}, sample {sample}]")
-                failures += 1
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    for failure in report.failures:
+        print(failure)
+    failures = len(report.failures)
     print(
-        f"checked {len(names)} templates: {failures} failures"
+        f"checked {report.templates} templates: {failures} failures"
         if failures
-        else f"ok: settings and {len(names)} templates"
+        else f"ok: settings and {report.templates} templates"
     )
     return 1 if failures else 0
+
+
+def preview(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.preview import serve_preview
+
+    serve_preview(settings, args.port)
+    return 0
+
+
+def dev(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.devserver import develop
+
+    # aiosmtpd logs every SMTP command at INFO; the capture's own line says what matters.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    asyncio.run(develop(settings, args.port))
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,22 +26,32 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import css_inline
 import jinja2
 import yaml
 
 from dispatcher.address import Address, check_header_text, parse_address
 from dispatcher.errors import InvalidRequest, TemplateError
-from dispatcher.wire import TEMPLATE_NAME, Request
+from dispatcher.wire import TEMPLATE_NAME, VERSION, Request, validate
 
 # Every part is 7-bit clean (quoted-printable or base64 when needed), so delivery never depends on
 # the relay announcing 8BITMIME; otherwise this is the SMTP policy (CRLF, RFC 2047 headers).
 POLICY = email.policy.SMTP.clone(cte_type="7bit")
 BODY_FILES = ("body.html", "body.txt")
+EXAMPLE_RECIPIENT = "Example Recipient <recipient@example.com>"  # `render`, `check`, preview
 # inscriptis writes links as `[text](url)`; mail readers expect `text (url)`.
 _MARKDOWN_LINK = re.compile(r"\[([^\[\]]*)\]\(([^()\s]*)\)")
 _BLANK_LINES = re.compile(r"\n{3,}")
 # A request id may hold ':', which is not atext and makes Python cut the Message-ID short.
 _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+# Mail clients drop <style> blocks (Gmail clips them, Outlook ignores many rules): every rule that
+# can be is copied into `style` attributes. At-rules (@media) cannot be inlined, so they stay in a
+# <style> block for the clients that honour them. Nothing is ever fetched: <link> stylesheets are
+# dropped, not loaded, so rendering never touches the network.
+_STYLE_TAG = re.compile(r"<style\b", re.IGNORECASE)
+_CSS_INLINER = css_inline.CSSInliner(
+    load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,7 @@ class Renderer:
         html = None
         if (folder / "body.html").is_file():
             html = self._render(f"{name}/body.html", context)
+            html = inline_css(html, self._where(str(folder / "body.html"), None))
         if (folder / "body.txt").is_file():
             text = self._render(f"{name}/body.txt", context)
         elif html is not None:
@@ -140,6 +151,26 @@ class Renderer:
         _check_headers(msg, data, message_id)
         recipients = dict.fromkeys(_ascii_addr_spec(a) for a in request.recipients)
         return RenderedMessage(message_id, envelope_from, tuple(recipients), parts.subject, data)
+
+    def render_example(
+        self, name: str, context: dict[str, Any], to: str = EXAMPLE_RECIPIENT
+    ) -> RenderedMessage:
+        """The full message a request with this context would get: for render, check, preview."""
+        request = validate({"v": VERSION, "template": name, "to": to, "context": context})
+        return self.render(request)
+
+    def compile_errors(self) -> list[TemplateError]:
+        """Compile every template file, layouts included, whether or not a sample reaches it."""
+        errors = []
+        for template in self._env.list_templates(extensions=("html", "htm", "txt", "xml")):
+            if any(part.startswith(".") for part in template.split("/")):
+                continue
+            try:
+                self._env.get_template(template)
+            except jinja2.TemplateSyntaxError as exc:
+                where = self._where(exc.filename or exc.name, exc.lineno)
+                errors.append(TemplateError(exc.message or "syntax error", where))
+        return errors
 
     def samples(self, name: str) -> dict[str, dict[str, Any]]:
         """The named sample contexts of `preview.yaml`, for preview, `check` and tests."""
@@ -261,6 +292,58 @@ class Renderer:
             if part is not msg:
                 del part["MIME-Version"]
         return msg
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What `dispatcher check` found: each failure fails the command, warnings do not."""
+
+    templates: int
+    failures: list[str]
+    warnings: list[str]
+
+
+def check_templates(renderer: Renderer) -> CheckReport:
+    """Compile every template file, then build the full message for every sample context.
+
+    A template without samples is only compiled: rendering it with an empty context would fail
+    on its first variable and say nothing useful, so it gets a warning instead.
+    """
+    failures = [str(exc) for exc in renderer.compile_errors()]
+    warnings = []
+    names = renderer.template_names()
+    for name in names:
+        folder = renderer.templates_dir / name
+        if (folder / "body.html").is_file() and not (folder / "body.txt").is_file():
+            warnings.append(f"{name}: no body.txt; the text part is derived from body.html")
+        try:
+            samples = renderer.samples(name)
+        except TemplateError as exc:
+            failures.append(str(exc))
+            continue
+        if not samples:
+            warnings.append(f"{name}: no samples in preview.yaml; compiled but not rendered")
+        for sample, context in samples.items():
+            try:
+                renderer.render_example(name, context)
+            except (TemplateError, InvalidRequest) as exc:
+                if str(exc) not in failures:  # a compile error fails every sample alike
+                    failures.append(f"{exc} [template {name}, sample {sample}]")
+    return CheckReport(len(names), failures, warnings)
+
+
+def inline_css(html: str, where: str | None = None) -> str:
+    """The HTML part as mail clients want it: `<style>` rules moved into `style` attributes.
+
+    HTML without a `<style>` block is returned as written: the inliner would re-serialise it
+    (wrapping a fragment in `<html><body>`) for nothing.
+    """
+    if not _STYLE_TAG.search(html):
+        return html
+    try:
+        return _CSS_INLINER.inline(html)
+    except ValueError as exc:  # css-inline raises ValueError for CSS it cannot parse
+        raise TemplateError(f"cannot inline the CSS: {exc}", where) from exc
 
 
 def html_to_text(html: str) -> str:

@@ -46,9 +46,19 @@ def write_settings(folder: Path, smtp_port: int, **sections: dict[str, Any]) -> 
 
 
 class DaemonProcess:
-    """`python -m dispatcher run` in a subprocess; its log lines are collected as they come."""
+    """`python -m dispatcher run` in a subprocess; its log lines are collected as they come.
 
-    def __init__(self, settings_path: Path, env: dict[str, str] | None = None) -> None:
+    `command` runs another long-lived command instead (`dev`, `preview --port 0`), ready once
+    a log line contains `ready`.
+    """
+
+    def __init__(
+        self,
+        settings_path: Path,
+        command: tuple[str, ...] = ("run",),
+        ready: str = "listening on",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings_path = settings_path
         self.settings: Settings = load_settings(settings_path, environ={})
         self.lines: list[str] = []
@@ -59,14 +69,14 @@ class DaemonProcess:
             environ.pop(name, None)  # the test run's own service manager is not the daemon's
         environ.update(env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher", "run", "--settings", str(settings_path)],
+            [sys.executable, "-m", "dispatcher", *command, "--settings", str(settings_path)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
             env=environ,
         )
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for_log("listening on", START_TIMEOUT)
+        self.wait_for_log(ready, START_TIMEOUT)
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -135,7 +145,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     def start(settings_path: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(settings_path, env)
+        daemon = DaemonProcess(settings_path, env=env)
         started.append(daemon)
         return daemon
 

@@ -32,17 +32,37 @@ def test_check_reports_each_failure_as_file_line_message(tmp_path: Path) -> None
     broken.mkdir(parents=True)
     (broken / "subject.txt").write_text("Hi {{ name }}")
     (broken / "body.html").write_text("<p>\n{% if %}\n</p>")
-    (broken / "preview.yaml").write_text("default: {name: Ada}\n")
+    (broken / "preview.yaml").write_text("default: {name: Ada}\nother: {name: Bob}\n")
+    undefined = tmp_path / "templates" / "undefined"
+    undefined.mkdir()
+    (undefined / "subject.txt").write_text("Hi")
+    (undefined / "body.txt").write_text("Hello\n{{ nmae }}\n")
+    (undefined / "preview.yaml").write_text("default: {name: Ada}\n")
     lonely = tmp_path / "templates" / "lonely"
     lonely.mkdir()
-    (lonely / "subject.txt").write_text("Hello")
+    (lonely / "subject.txt").write_text("Hello {{ name }}")
     (lonely / "body.txt").write_text("Hello there")
+    (tmp_path / "templates" / "_layouts").mkdir()
+    (tmp_path / "templates" / "_layouts" / "unused.html").write_text("{% block %}")
     settings = write_settings(tmp_path, 1025, templates={"dir": "templates"})
     result = run_cli("check", settings=settings)
     assert result.returncode == 1
-    assert "templates/broken/body.html:2:" in result.stdout
-    assert "warning: lonely: no samples" in result.stdout
+    failures = [line for line in result.stdout.splitlines() if line.startswith("templates/")]
+    assert len(failures) == 3, result.stdout  # broken's two samples fail alike: said once
+    assert failures[0].startswith("templates/_layouts/unused.html:1: ")  # compiled, never used
+    assert failures[1].startswith("templates/broken/body.html:2: ")
+    assert failures[2] == (
+        "templates/undefined/body.txt:2: 'nmae' is undefined [template undefined, sample default]"
+    )
+    assert "warning: lonely: no samples" in result.stdout  # a warning, not a failure
+    assert "checked 3 templates: 3 failures" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_check_warns_about_a_derived_text_part_but_passes(tmp_path: Path) -> None:
+    result = run_cli("check", settings=SHIPPED)
+    assert result.returncode == 0
+    assert "warning: password_reset: no body.txt; the text part is derived" in result.stdout
 
 
 @pytest.mark.parametrize("fmt", ["eml", "html", "text"])
@@ -56,9 +76,23 @@ def test_render_prints_what_would_be_sent(fmt: str) -> None:
         assert "Zoë" in str(message["Subject"])
         assert message.get_content_type() == "multipart/alternative"
     elif fmt == "html":
-        assert "&lt;O&#39;Brien&gt;" in result.stdout
+        assert "&lt;O'Brien&gt;" in result.stdout
+        assert '<h1 style="' in result.stdout  # the layout's <style> is inlined
     else:
         assert "<O'Brien>" in result.stdout
+
+
+def test_render_without_a_context_uses_the_default_sample() -> None:
+    result = run_cli("render", "welcome", "--format", "text", settings=SHIPPED)
+    assert result.returncode == 0, result.stderr
+    assert "Welcome, Ada!" in result.stdout
+
+
+def test_render_with_an_empty_context_names_the_undefined_variable(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    result = run_cli("render", "welcome", "--context", str(empty), settings=SHIPPED)
+    assert_one_line_error(result, "templates/welcome/subject.txt:1: 'name' is undefined")
 
 
 def test_render_with_a_context_file(tmp_path: Path) -> None:
@@ -76,7 +110,6 @@ def test_render_with_a_context_file(tmp_path: Path) -> None:
     [
         (["render", "nope"], "unknown template 'nope'"),
         (["render", "welcome", "--sample", "nope"], "no sample 'nope'"),
-        (["render", "welcome", "--format", "text"], "'name' is undefined"),
         (["send", "welcome", "--to", "not-an-address"], "to[0]: 'not-an-address' is not a valid"),
         (
             ["send", "welcome", "--to", "a@example.com", "--context", "/nonexistent.yaml"],

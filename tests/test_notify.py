@@ -120,7 +120,7 @@ def test_ready_once_intake_accepts_then_watchdog_pings_then_stopping_on_sigterm(
     )
     manager = ServiceManager(port)
     env = {"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    daemon = DaemonProcess(settings, env)
+    daemon = DaemonProcess(settings, env=env)
     try:
         (ready, *_) = manager.wait_for("READY")
         assert manager.intake_accepted_at_ready == [True]
@@ -151,7 +151,7 @@ def test_status_reports_queue_figures(tmp_path: Path, smtp_server: SmtpServer) -
         tmp_path, smtp_server.port, intake={"bind": f"tcp://127.0.0.1:{port}"}
     )
     manager = ServiceManager(port)
-    daemon = DaemonProcess(settings, {"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"})
+    daemon = DaemonProcess(settings, env={"NOTIFY_SOCKET": manager.name, "WATCHDOG_USEC": "200000"})
     try:
         with zmq.Context() as context, context.socket(zmq.PUSH) as push:
             push.linger = 5000

@@ -7,6 +7,8 @@ mail client would, rather than compared as strings.
 
 import email
 import email.policy
+import http.server
+import threading
 from datetime import UTC, datetime
 from email.message import EmailMessage, MIMEPart
 from pathlib import Path
@@ -170,7 +172,7 @@ def test_missing_subject_and_unknown_template_are_template_errors(tmp_path: Path
 def test_layout_inheritance_shows_up_in_html(hello: Renderer) -> None:
     html = hello.render_parts("hello", {"name": "Ada", "product": "Acme"}).html
     assert html is not None
-    assert '<div class="card"><p>Hi Ada!</p>' in html
+    assert '<div class="card"><p style="color: #333;">Hi Ada!</p>' in html  # CSS inlined
     assert "<footer>Sent by Acme</footer>" in html
 
 
@@ -379,7 +381,7 @@ def test_shipped_templates_escape_html_and_derive_text() -> None:
     context = renderer.samples("password_reset")["long_name"]
     parts = renderer.render_parts("password_reset", context)
     assert parts.html is not None
-    assert "Zoë &lt;O&#39;Brien&gt; &amp; Co" in parts.html
+    assert "Zoë &lt;O'Brien&gt; &amp; Co" in parts.html  # the CSS inliner re-serialises
     assert "Zoë <O'Brien> & Co" in parts.text
     assert f"Choose a new password ({context['reset_url']})" in parts.text
     assert f"{context['expires_in_minutes']} minutes" in parts.text
@@ -387,3 +389,61 @@ def test_shipped_templates_escape_html_and_derive_text() -> None:
     welcome = renderer.render_parts("welcome", renderer.samples("welcome")["default"])
     assert welcome.subject == "Welcome to Example, Ada!"
     assert "https://example.com/activate" in welcome.text
+
+
+def test_style_block_is_inlined_and_media_queries_kept(tmp_path: Path) -> None:
+    renderer = renderer_for(
+        tmp_path,
+        {
+            "t/subject.txt": "Hi",
+            "t/body.html": "<html><head><style>.x { color: #123456; } p { margin: 0; }"
+            " @media (max-width: 600px) { .x { color: red; } }</style></head>"
+            '<body><p class="x" style="font-weight: bold">{{ name }}</p></body></html>',
+        },
+    )
+    html = renderer.render_parts("t", {"name": "Ada"}).html
+    assert html is not None
+    # by specificity, and the element's own style attribute wins over both
+    assert '<p class="x" style="margin: 0;color: #123456;font-weight: bold">Ada</p>' in html
+    assert "<style>@media (max-width: 600px)" in html  # cannot be inlined: kept for clients
+    assert ".x { color: #123456; }" not in html
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []  # noqa: RUF012  (one list per test: the test replaces it)
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"p { color: red; }")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_inlining_never_fetches_a_stylesheet(tmp_path: Path) -> None:
+    """A <link> or @import pointing at a live server on loopback is never requested."""
+    _CountingHandler.requests = []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        renderer = renderer_for(
+            tmp_path,
+            {
+                "t/subject.txt": "Hi",
+                "t/body.html": f'<html><head><link rel="stylesheet" href="{url}/link.css">'
+                f"<style>@import url({url}/import.css); p {{ margin: 0; }}</style></head>"
+                "<body><p>Ada</p></body></html>",
+            },
+        )
+        html = renderer.render_parts("t", {}).html
+        server.shutdown()
+    assert html is not None and '<p style="margin: 0;">Ada</p>' in html
+    assert "link.css" not in html  # the <link> is dropped, not loaded
+    assert _CountingHandler.requests == []
+
+
+def test_html_without_a_style_block_is_left_as_written(tmp_path: Path) -> None:
+    renderer = renderer_for(tmp_path, {"t/subject.txt": "Hi", "t/body.html": "<p>{{ name }}</p>"})
+    assert renderer.render_parts("t", {"name": "Ada"}).html == "<p>Ada</p>"

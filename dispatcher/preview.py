@@ -1,0 +1,421 @@
+"""The preview web UI: every template with every sample, and the Outbox of `dispatcher dev`.
+
+Server-rendered pages with ordinary links, so any HTTP client (and a test) can read them; one
+small script only adds live refresh. The stdlib's threading HTTP server is enough for one
+developer's browser and keeps the dependencies at zero. It binds 127.0.0.1 only: the pages show
+whatever the templates and captured mail contain.
+
+A message is always shown from its RFC 5322 bytes, parsed back: a preview renders the template
+into the exact bytes the daemon would send, so what you see (inlined CSS, derived text part,
+encoded headers) is what a mail client gets, and captured mail is shown by the same code.
+"""
+
+import contextlib
+import email
+import email.policy
+import hashlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import jinja2
+
+from dispatcher.errors import InvalidRequest, StartupError, TemplateError
+from dispatcher.outbox import Outbox
+from dispatcher.render import Renderer
+from dispatcher.settings import Settings
+from dispatcher.spool import Spool
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8025
+VIEWS = ("desktop", "mobile", "text", "headers")
+SOURCE_CONTEXT = 2  # template lines shown around the line of an error
+FAILURES_LISTED = 20  # requests the Outbox lists as not delivered
+# The UI's own pages load nothing but this server's script and style sheet.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+# A mail's HTML part: no scripts, no plugins, no forms, inline styles (that is what mail is) and
+# images. `sandbox` gives it an opaque origin even if opened outside the iframe.
+MAIL_CSP = (
+    "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data: cid: http: https:; "
+    "font-src data:; frame-ancestors 'self'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a route returns; the request handler only writes it out."""
+
+    body: bytes
+    content_type: str = "text/html; charset=utf-8"
+    status: HTTPStatus = HTTPStatus.OK
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class NotFound(Exception):
+    """Raised by a route for a template, sample, message or file that does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """A message as the page shows it, parsed back from its bytes."""
+
+    subject: str
+    sender: str
+    to: str
+    date: str
+    headers: list[tuple[str, str]]
+    html: str | None
+    text: str | None
+    data: bytes
+
+
+def message_view(data: bytes) -> MessageView:
+    """Parse RFC 5322 bytes into what the message page needs."""
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return MessageView(
+        subject=str(msg.get("Subject", "")),
+        sender=str(msg.get("From", "")),
+        to=", ".join(str(v) for v in msg.get_all("To", [])),
+        date=str(msg.get("Date", "")),
+        headers=[(name, str(value)) for name, value in msg.items()],
+        html=_body(msg, "html"),
+        text=_body(msg, "plain"),
+        data=data,
+    )
+
+
+def _body(msg: EmailMessage, subtype: str) -> str | None:
+    part = msg.get_body(preferencelist=(subtype,))
+    if part is None or part.get_content_subtype() != subtype:
+        return None
+    content = part.get_content()
+    return content if isinstance(content, str) else None
+
+
+class PreviewApp:
+    """Routes a path to a page. Independent of the HTTP server, so it stays easy to follow."""
+
+    def __init__(self, settings: Settings, outbox: Outbox | None = None) -> None:
+        self.renderer = Renderer(settings.templates.dir, settings.mail.from_, auto_reload=True)
+        self.outbox = outbox
+        # With an Outbox, the dev daemon's spool too: what it could not deliver is shown there.
+        self.spool_path = settings.spool.path if outbox is not None else None
+        self._lock = threading.Lock()  # one render at a time: Jinja's cache is shared
+        self._pages = jinja2.Environment(
+            loader=jinja2.PackageLoader("dispatcher", "ui"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._pages.globals.update(quote=_quote, has_outbox=outbox is not None)
+        self._routes: list[tuple[tuple[str, ...], Callable[..., Response]]] = [
+            ((), self.index),
+            (("version",), self.version),
+            (("static", "*"), self.static),
+            (("templates", "*"), self.template),
+            (("templates", "*", "*"), self.sample),
+            (("templates", "*", "*", "*"), self.sample),
+            (("outbox",), self.outbox_list),
+            (("outbox", "*"), self.captured),
+            (("outbox", "*", "*"), self.captured),
+        ]
+
+    def handle(self, target: str) -> Response:
+        """Answer a GET for `target`; `*` in a route's pattern passes that path segment on."""
+        path = urlsplit(target).path
+        segments = tuple(unquote(s) for s in path.strip("/").split("/") if s)
+        for pattern, route in self._routes:
+            if len(pattern) == len(segments) and all(
+                p in ("*", s) for p, s in zip(pattern, segments, strict=True)
+            ):
+                args = [s for p, s in zip(pattern, segments, strict=True) if p == "*"]
+                try:
+                    return route(*args)
+                except NotFound as exc:
+                    return self._page("notfound.html", HTTPStatus.NOT_FOUND, what=str(exc))
+        return self._page("notfound.html", HTTPStatus.NOT_FOUND, what=path)
+
+    # -- pages -------------------------------------------------------------------------
+
+    def index(self) -> Response:
+        templates = []
+        for name in self.renderer.template_names():
+            samples, error = self._samples(name)
+            templates.append({"name": name, "samples": list(samples), "error": error})
+        return self._page("index.html", templates=templates, folder=self.renderer.templates_dir)
+
+    def template(self, name: str) -> Response:
+        folder = self._template_folder(name)
+        samples, error = self._samples(name)
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        return self._page("template.html", name=name, samples=samples, error=error, files=files)
+
+    def sample(self, name: str, sample: str, view: str = "desktop") -> Response:
+        """One sample as a page (`view` is one of VIEWS), its HTML part (`html`) or `eml`."""
+        self._template_folder(name)
+        samples, error = self._samples(name)
+        if error is None and sample not in samples:
+            raise NotFound(f"sample {sample!r} of template {name!r}")
+        data = None
+        if error is None:
+            try:
+                data = self._render(name, samples[sample])
+            except (TemplateError, InvalidRequest) as exc:
+                error = self._error(exc)
+        base = f"/templates/{_quote(name)}/{_quote(sample)}"
+        crumbs = [("Templates", "/"), (name, f"/templates/{_quote(name)}"), (sample, None)]
+        return self._message(data, view, base, f"{name}-{sample}", error=error, crumbs=crumbs)
+
+    def outbox_list(self) -> Response:
+        outbox = self._outbox()
+        messages = []
+        for message_id in outbox.ids():
+            captured = outbox.get(message_id)
+            if captured is None:  # deleted between the listing and now
+                continue
+            view = message_view(captured.data)
+            messages.append(
+                {
+                    "id": message_id,
+                    "subject": view.subject,
+                    "recipients": ", ".join(captured.recipients),
+                    "received": _local_time(captured.received_at),
+                }
+            )
+        failures = [{**failure, "at": _local_time(failure["at"])} for failure in self._failures()]
+        return self._page("outbox.html", messages=messages, failures=failures, folder=outbox.folder)
+
+    def captured(self, message_id: str, view: str = "desktop") -> Response:
+        """A captured message, shown exactly as a sample is."""
+        captured = self._outbox().get(message_id)
+        if captured is None:
+            raise NotFound(f"captured message {message_id}")
+        envelope = (captured.envelope_from, ", ".join(captured.recipients))
+        crumbs = [("Outbox", "/outbox"), (_local_time(captured.received_at), None)]
+        base = f"/outbox/{message_id}"
+        return self._message(
+            captured.data, view, base, message_id, envelope=envelope, crumbs=crumbs
+        )
+
+    def version(self) -> Response:
+        """A token that changes when any template, layout, sample or captured message does."""
+        digest = hashlib.sha256()
+        for path, stat in _files(self.renderer.templates_dir):
+            digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
+        if self.outbox is not None:
+            digest.update(self.outbox.version().encode())
+        if self.spool_path is not None:  # a request died or was rejected: the Outbox says so
+            for spool_file in (self.spool_path, Path(f"{self.spool_path}-wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    written = spool_file.stat()
+                    digest.update(f"{written.st_mtime_ns}\0{written.st_size}\n".encode())
+        return Response(
+            digest.hexdigest()[:16].encode(),
+            "text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def static(self, name: str) -> Response:
+        types = {"preview.css": "text/css; charset=utf-8", "preview.js": "text/javascript"}
+        if name not in types:
+            raise NotFound(f"/static/{name}")
+        data = (Path(__file__).parent / "ui" / name).read_bytes()
+        return Response(data, types[name], headers={"Cache-Control": "no-cache"})
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _page(self, template: str, status: HTTPStatus = HTTPStatus.OK, **values: Any) -> Response:
+        values.setdefault("version", self.version().body.decode())
+        html = self._pages.get_template(template).render(values)
+        return Response(
+            html.encode(),
+            status=status,
+            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"},
+        )
+
+    def _message(
+        self, data: bytes | None, view: str, base: str, stem: str, **values: Any
+    ) -> Response:
+        """The message page in one of its VIEWS, or the message's HTML part, or its .eml.
+
+        `data` is None when the template does not render: the page then shows `error`.
+        """
+        if view not in (*VIEWS, "html", "eml"):
+            raise NotFound(f"{base}/{view}")
+        message = None if data is None else message_view(data)
+        if view == "eml" and data is not None:
+            filename = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) + ".eml"
+            disposition = f'attachment; filename="{filename}"'
+            return Response(data, "message/rfc822", headers={"Content-Disposition": disposition})
+        if view == "html" and message is not None and message.html is not None:
+            headers = {"Content-Security-Policy": MAIL_CSP, "X-Content-Type-Options": "nosniff"}
+            return Response(message.html.encode(), headers=headers)
+        if view in ("html", "eml"):
+            raise NotFound(f"{base}/{view}: the message does not render or has no HTML part")
+        if message is not None and message.html is None and view in ("desktop", "mobile"):
+            view = "text"  # a text-only template has nothing to show in the iframe
+        values.setdefault("envelope", None)
+        values.setdefault("error", None)
+        return self._page("message.html", view=message, shown=view, base=base, **values)
+
+    def _samples(self, name: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+        """The samples, or none and the error of an unreadable preview.yaml."""
+        try:
+            return self.renderer.samples(name), None
+        except TemplateError as exc:
+            return {}, self._error(exc)
+
+    def _template_folder(self, name: str) -> Path:
+        if not self.renderer.has_template(name):
+            raise NotFound(f"template {name!r}")
+        return self.renderer.templates_dir / name
+
+    def _render(self, name: str, context: dict[str, Any]) -> bytes:
+        with self._lock:
+            return self.renderer.render_example(name, context).data
+
+    def _failures(self) -> list[dict[str, Any]]:
+        """The newest dead requests and rejected frames of the dev daemon: without them, a
+        request with a template error would leave no trace in the browser."""
+        if self.spool_path is None or not self.spool_path.exists():
+            return []
+        with Spool(self.spool_path) as spool:
+            return spool.recent_failures(FAILURES_LISTED)
+
+    def _outbox(self) -> Outbox:
+        if self.outbox is None:
+            raise NotFound("the Outbox (it exists under `dispatcher dev`)")
+        return self.outbox
+
+    def _error(self, exc: Exception) -> dict[str, Any]:
+        """The error line and, when it names a file and line, the template source around it."""
+        location = getattr(exc, "location", None)
+        source: list[tuple[int, str, bool]] = []
+        if location:
+            path, _, line = location.rpartition(":")
+            if line.isdigit():
+                source = _source_lines(self.renderer.templates_dir.parent / path, int(line))
+        return {"message": str(exc), "source": source}
+
+
+def _source_lines(path: Path, line: int) -> list[tuple[int, str, bool]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    first = max(1, line - SOURCE_CONTEXT)
+    last = min(len(lines), line + SOURCE_CONTEXT)
+    return [(n, lines[n - 1], n == line) for n in range(first, last + 1)]
+
+
+def _files(folder: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file under the templates folder with its stat, hidden ones excluded."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            try:
+                found.append((path, os.stat(path)))
+            except FileNotFoundError:  # deleted while we walked
+                continue
+    return found
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _local_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Writes out what the app answers; nothing else."""
+
+    app: PreviewApp
+    server_version = "dispatcher-preview"
+
+    def do_GET(self) -> None:
+        try:
+            response = self.app.handle(self.path)
+        except Exception:  # a bug must show as a 500, not kill the connection silently
+            log.exception("preview: error answering %s", self.path)
+            response = Response(
+                b"internal error: see the dispatcher log",
+                "text/plain; charset=utf-8",
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+            )
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header("Referrer-Policy", "no-referrer")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(response.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("preview: " + format, *args)
+
+
+class PreviewServer:
+    """The UI on 127.0.0.1:`port` (0 picks a free port), served from a background thread."""
+
+    def __init__(self, settings: Settings, port: int, outbox: Outbox | None = None) -> None:
+        handler = type("Handler", (_Handler,), {"app": PreviewApp(settings, outbox)})
+        try:
+            self._server = ThreadingHTTPServer((HOST, port), handler)
+        except OSError as exc:
+            raise StartupError(f"--port {port}: cannot serve the preview: {exc.strerror}") from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="preview")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self._server.server_address[1]}/"
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("preview on %s", self.url)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop never started
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+
+
+def serve_preview(settings: Settings, port: int) -> None:
+    """`dispatcher preview`: serve until SIGINT or SIGTERM."""
+    if not settings.templates.dir.is_dir():
+        raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = PreviewServer(settings, port)
+    server.start()
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+    log.info("preview stopped")
