@@ -173,8 +173,11 @@ class Daemon:
             timeout = IDLE_WAKE
             if next_due is not None and next_due > current:
                 timeout = min(IDLE_WAKE, next_due - current)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+            # arrives as the event is set, and the feeder then outlived shutdown by IDLE_WAKE.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
 
     async def work(self) -> None:
         """One delivery worker with its own SMTP connection, kept open between messages."""
