@@ -1,5 +1,6 @@
 """The spool file: idempotent intake, due order, crash recovery and counts."""
 
+import stat
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,3 +83,14 @@ def test_an_unopenable_spool_is_a_startup_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(StartupError, match=r"spool\.path: cannot open"):
         Spool(tmp_path / "file" / "s.db")
+
+
+def test_spool_and_its_wal_files_are_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "spool.sqlite3"
+    with Spool(path) as spool, spool.transaction():
+        pass
+    files = [path, path.with_name("spool.sqlite3-wal"), path.with_name("spool.sqlite3-shm")]
+    with Spool(path):  # WAL and shared-memory files exist while a connection is open
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o600) and len(modes) == 3
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
