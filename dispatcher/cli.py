@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     status_cmd = command("status", status, "spool counts, oldest waiting request, recent failures")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     command("check", check, "validate settings; compile and render every template sample")
+    keygen_cmd = command("keygen", keygen, "write a CURVE key pair (NAME.key, NAME.key_secret)")
+    keygen_cmd.add_argument("name", metavar="NAME")
+    keygen_cmd.add_argument("--dir", type=Path, default=Path("keys"), help="default: ./keys")
     return parser
 
 
@@ -204,6 +207,14 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
         else f"ok: settings and {len(names)} templates"
     )
     return 1 if failures else 0
+
+
+def keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.curve import keygen as write_key_pair
+
+    public, secret = write_key_pair(args.name, args.dir)
+    print(f"public key {public} (copy to the peer)\nsecret key {secret} (mode 0600, keep here)")
+    return 0
 
 
 if __name__ == "__main__":

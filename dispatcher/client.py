@@ -46,6 +46,9 @@ class Client:
         # (zmq.Again) rather than messages piling up for a peer that may never come.
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
+        from dispatcher.curve import secure_client_socket  # lazy: keeps `import dispatcher` light
+
+        secure_client_socket(self.socket, settings.client)
         for endpoint in settings.client.connect:
             self.socket.connect(endpoint)
         self.lock = threading.Lock()

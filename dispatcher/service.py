@@ -17,7 +17,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from dispatcher import wire
+from dispatcher import curve, wire
 from dispatcher.backoff import retry_delay
 from dispatcher.errors import InvalidRequest, StartupError, TemplateError
 from dispatcher.render import Renderer
@@ -83,8 +83,14 @@ class Daemon:
         if not settings.templates.dir.is_dir():
             raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_)
+        for key in ("bind", "acks"):
+            curve.check_bind_allowed(
+                f"intake.{key}", getattr(settings.intake, key), settings.intake.curve
+            )
         self.spool = Spool(settings.spool.path)
         self.context = zmq.asyncio.Context()
+        self.counts: Counter[str] = Counter()
+        self.gate = curve.start_authenticator(self.context, settings.intake, self.counts)
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         # Frames up to twice the protocol limit still arrive, to be rejected with their size;
@@ -93,6 +99,9 @@ class Daemon:
         # A deep receive queue absorbs bursts (the spool drains ~100k frames/s) instead of
         # pushing back on clients, whose sends would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        curve.secure_server_socket(self.pull, settings.intake)
+        if self.gate is not None:
+            self.gate.watch(self.pull, "intake.bind")
         try:
             self.pull.bind(settings.intake.bind)
         except zmq.ZMQError as exc:
@@ -102,9 +111,10 @@ class Daemon:
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()
         self.wake = asyncio.Event()
-        self.counts: Counter[str] = Counter()
 
     def close(self) -> None:
+        if self.gate is not None:
+            self.gate.stop()
         self.pull.close(linger=0)
         self.context.term()
         self.spool.close()

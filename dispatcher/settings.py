@@ -26,11 +26,28 @@ ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCurveSettings:
+    """The daemon's CURVE key and the public keys of the clients allowed in (dispatcher.curve)."""
+
+    secret_key_file: Path | None = None
+    authorized_keys_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCurveSettings:
+    """The client's own CURVE key and the daemon's public key (dispatcher.curve)."""
+
+    server_public_key_file: Path | None = None
+    secret_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class IntakeSettings:
     """The daemon's sockets."""
 
     bind: str = "tcp://127.0.0.1:5559"
     acks: str = "tcp://127.0.0.1:5560"
+    curve: ServerCurveSettings | None = None  # required to bind anywhere but loopback or ipc
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,7 @@ class ClientSettings:
     connect: tuple[str, ...] = ("tcp://127.0.0.1:5559",)
     acks: tuple[str, ...] = ("tcp://127.0.0.1:5560",)
     overflow_dir: Path = Path("var/overflow")
+    curve: ClientCurveSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +288,13 @@ def _checked(settings: Settings) -> Settings:
             )
     if not settings.client.connect:
         raise SettingsError("client.connect: at least one endpoint is required")
+    for key, curve in [
+        ("intake.curve", settings.intake.curve),
+        ("client.curve", settings.client.curve),
+    ]:
+        missing = [f.name for f in fields(curve) if getattr(curve, f.name) is None] if curve else []
+        if missing:
+            raise SettingsError(f"{key}.{missing[0]}: required when {key} is set")
     smtp, retry = settings.smtp, settings.retry
     if not 0 < smtp.port < 65536:
         raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")
