@@ -197,7 +197,7 @@ def _check_recipient_count(fields: dict[str, Any]) -> None:
     total = sum(len(v) if isinstance(v, list) else 1 for v in counted if v is not None)
     if total > MAX_RECIPIENTS:
         raise InvalidRequest(
-            f"to, cc, bcc: {total} recipients, at most {MAX_RECIPIENTS} per request are allowed"
+            f"to, cc, bcc: {total} recipients; at most {MAX_RECIPIENTS} recipients per request"
         )
 
 
