@@ -180,7 +180,10 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 def check(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.errors import TemplateError
     from dispatcher.render import Renderer
+    from dispatcher.transport import credential_warnings
 
+    for warning in credential_warnings(settings.smtp):
+        print(f"warning: {warning}")
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
     names = renderer.template_names()
     if not names:

@@ -83,6 +83,7 @@ class SmtpSettings:
     security: Literal["none", "starttls", "tls"] = "none"
     username: str | None = None
     password_file: Path | None = None
+    ca_file: Path | None = None  # CA bundle (PEM) to verify the server with, e.g. a private CA
     timeout: float = 30.0
     connections: int = 8
 
