@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from dispatcher import curve, wire
 from dispatcher.backoff import retry_delay
-from dispatcher.errors import InvalidRequest, StartupError, TemplateError
+from dispatcher.errors import DispatcherError, InvalidRequest, StartupError, TemplateError
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
 from dispatcher.spool import Row, Spool, now
@@ -90,7 +90,7 @@ class Daemon:
         self.spool = Spool(settings.spool.path)
         self.context = zmq.asyncio.Context()
         self.counts: Counter[str] = Counter()
-        self.gate = curve.start_authenticator(self.context, settings.intake, self.counts)
+        self.gate: curve.Gatekeeper | None = None
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         # Frames up to twice the protocol limit still arrive, to be rejected with their size;
@@ -99,14 +99,18 @@ class Daemon:
         # A deep receive queue absorbs bursts (the spool drains ~100k frames/s) instead of
         # pushing back on clients, whose sends would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        curve.secure_server_socket(self.pull, settings.intake)
-        if self.gate is not None:
-            self.gate.watch(self.pull, "intake.bind")
         try:
+            curve.secure_server_socket(self.pull, settings.intake)
+            self.gate = curve.start_authenticator(self.context, settings.intake, self.counts)
+            if self.gate is not None:
+                self.gate.watch(self.pull, "intake.bind")
             self.pull.bind(settings.intake.bind)
         except zmq.ZMQError as exc:
             self.close()
             raise StartupError(f"intake.bind: cannot bind {settings.intake.bind}: {exc}") from None
+        except DispatcherError:  # a key or the allowlist cannot be read
+            self.close()
+            raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()
