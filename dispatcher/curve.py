@@ -185,7 +185,10 @@ class Gatekeeper(AsyncioAuthenticator):
 
         `key` names the socket's setting (`intake.bind`), which the log line shows.
         """
-        monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        # PROTOCOL: a plain client or a wrong server key; NO_DETAIL: the same, when the client
+        # noticed first and hung up, or a connection that never spoke ZMTP at all.
+        events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        monitor = socket.get_monitor_socket(events)
         monitor = cast(zmq.asyncio.Socket, monitor)  # a zmq.asyncio context makes asyncio sockets
         task = asyncio.ensure_future(self._watch(monitor, key))
         self._watchers.append((socket, monitor, task))
@@ -194,7 +197,7 @@ class Gatekeeper(AsyncioAuthenticator):
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             error = zmq.Event(event["event"]).name
-            reason = f"handshake failed ({error}: {event['value']}); not a CURVE client?"
+            reason = f"handshake failed ({error}); not a CURVE client with this server's key?"
             self.refused(f"a client of {key}", reason)
 
     def stop(self) -> None:
