@@ -191,3 +191,23 @@ def test_no_attempt_reaches_the_smtp_server_as_a_header_or_recipient(
         assert len(message.message.get_all("Subject") or []) == 1
     assert any(m.rcpt_tos == ("ada@example.com",) for m in messages)
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "context"),
+    [
+        ("{{ fmt.format(name) }}", {"fmt": "{0.__class__.__mro__}", "name": "x"}),
+        ("{{ name.__class__.__mro__ }}", {"name": "x"}),
+        ("{{ (name|attr('__class__')).__subclasses__() }}", {"name": "x"}),
+    ],
+)
+def test_context_cannot_reach_python_internals_through_a_template(
+    tmp_path: Path, body: str, context: dict[str, str]
+) -> None:
+    """Templates run sandboxed: attribute tricks on context values fail instead of leaking."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "subject.txt").write_text("Hi")
+    (tmp_path / "t" / "body.txt").write_text(body)
+    renderer = Renderer(tmp_path, "Shop <shop@example.com>")
+    with pytest.raises(TemplateError, match=r"unsafe|undefined|SecurityError"):
+        renderer.render_parts("t", context)
