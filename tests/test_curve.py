@@ -9,9 +9,9 @@ import zmq
 import zmq.auth
 
 from dispatcher.client import Client, build_frame
-from dispatcher.curve import check_bind_allowed, is_local
+from dispatcher.curve import check_bind_allowed, is_local, secure_client_socket
 from dispatcher.errors import SettingsError
-from dispatcher.settings import ServerCurveSettings
+from dispatcher.settings import ClientCurveSettings, ClientSettings, ServerCurveSettings
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
@@ -159,3 +159,19 @@ def test_half_a_curve_section_is_a_settings_error(tmp_path: Path) -> None:
     result = run_cli("status", settings=settings)
     assert result.returncode == 2
     assert "client.curve.server_public_key_file: required when client.curve is set" in result.stderr
+
+
+def test_a_secret_key_readable_by_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    public, secret = zmq.auth.create_certificates(tmp_path, "app")  # pyzmq's own writer
+    settings = ClientSettings(curve=ClientCurveSettings(Path(public), Path(secret)))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        Path(secret).chmod(0o644)
+        secure_client_socket(push, settings)
+        assert "app.key_secret is readable by other users; chmod 600 it" in caplog.text
+        caplog.clear()
+        Path(secret).chmod(0o600)
+        secure_client_socket(push, settings)
+        assert caplog.text == ""
+        assert push.getsockopt(zmq.MECHANISM) == zmq.CURVE
