@@ -126,7 +126,7 @@ def start_authenticator(
         log.warning("no client keys (*.key) in %s: every client will be refused", folder)
     gate = Gatekeeper(context, Counter() if counts is None else counts)
     gate.start()
-    gate.certs[ZAP_DOMAIN] = allowed  # what configure_curve() would load, errors checked above
+    gate.configure_curve(domain=ZAP_DOMAIN, location=str(folder))  # the folder read above
     log.info("CURVE: %d authorised client keys from %s", len(allowed), folder)
     return gate
 
@@ -177,6 +177,8 @@ class Gatekeeper(AsyncioAuthenticator):
         now = time.monotonic()
         last = self._last_logged.get((peer, reason))
         if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            if len(self._last_logged) > 10_000:  # many peers: forget them rather than grow
+                self._last_logged.clear()
             self._last_logged[(peer, reason)] = now
             log.warning("refused connection from %s: %s", peer, reason)
 
