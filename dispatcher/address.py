@@ -16,7 +16,8 @@ _NAME_AND_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')
 # RFC 5322 dot-atom: what email-validator accepts as an ASCII local part without quotes.
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Plus U+2028/U+2029, which str.splitlines() (and so the email package) treats as line breaks.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)

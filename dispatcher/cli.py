@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     preview_cmd.add_argument("--port", type=int, default=8025, help="default: 8025")
     dev_cmd = command("dev", dev, "daemon + capture SMTP server (smtp.port) + preview UI")
     dev_cmd.add_argument("--port", type=int, default=8025, help="the UI's port; default: 8025")
+    keygen_cmd = command("keygen", keygen, "write a CURVE key pair (NAME.key, NAME.key_secret)")
+    keygen_cmd.add_argument("name", metavar="NAME")
+    keygen_cmd.add_argument("--dir", type=Path, default=Path("keys"), help="default: ./keys")
     return parser
 
 
@@ -264,7 +267,10 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
 
 def check(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.render import Renderer, check_templates
+    from dispatcher.transport import credential_warnings
 
+    for warning in credential_warnings(settings.smtp):
+        print(f"warning: {warning}")
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
     report = check_templates(renderer)
     if not report.templates:
@@ -295,6 +301,14 @@ def dev(settings: Settings, args: argparse.Namespace) -> int:
     # aiosmtpd logs every SMTP command at INFO; the capture's own line says what matters.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     asyncio.run(develop(settings, args.port))
+    return 0
+
+
+def keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher.curve import keygen as write_key_pair
+
+    public, secret = write_key_pair(args.name, args.dir)
+    print(f"public key {public} (copy to the peer)\nsecret key {secret} (mode 0600, keep here)")
     return 0
 
 

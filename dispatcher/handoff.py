@@ -62,6 +62,10 @@ class Handoff:
         self.receipts = self.context.socket(zmq.SUB)
         self.receipts.setsockopt(zmq.LINGER, 0)
         self.receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
+        from dispatcher.curve import secure_client_socket  # lazy: keeps `import dispatcher` light
+
+        secure_client_socket(self.push, self.settings)
+        secure_client_socket(self.receipts, self.settings)
         for endpoint in self.settings.connect:
             self.push.connect(endpoint)
         for endpoint in self.settings.acks:

@@ -11,6 +11,7 @@ CVE-2024-6923, where an encoded word in a header value can turn into a real head
 """
 
 import email.errors
+import email.message
 import email.policy
 import email.utils
 import hashlib
@@ -28,6 +29,7 @@ from typing import Any, TypeGuard
 
 import css_inline
 import jinja2
+import jinja2.sandbox
 import yaml
 
 from dispatcher.address import Address, check_header_text, parse_address
@@ -85,7 +87,10 @@ class Renderer:
     def __init__(self, templates_dir: Path, mail_from: str, *, auto_reload: bool = False) -> None:
         self.templates_dir = Path(templates_dir).resolve()
         self.mail_from: Address = parse_address(mail_from, "mail.from")
-        self._env = jinja2.Environment(
+        # Sandboxed: context is untrusted data, and `{{ x.__class__.__mro__ }}` style lookups
+        # on it must not reach Python internals. Measured cost ~10 us per message, 0.2% of a
+        # render with its MIME build (benchmarks/sandbox.py).
+        self._env = jinja2.sandbox.SandboxedEnvironment(
             loader=jinja2.FileSystemLoader(self.templates_dir),
             undefined=jinja2.StrictUndefined,
             # Only file names decide: a subject (.txt) must never come out as `A &amp; B`.
@@ -434,3 +439,15 @@ def _check_headers(msg: EmailMessage, data: bytes, message_id: str) -> None:
         raise TemplateError(f"header check failed: unexpected {extra}, missing {missing}")
     if str(parsed["Message-ID"]) != message_id:
         raise TemplateError(f"header check failed: Message-ID came out as {parsed['Message-ID']}")
+    if str(parsed["Subject"]) != str(msg["Subject"]):
+        raise TemplateError(f"header check failed: Subject came out as {parsed['Subject']!r}")
+    for name in ("From", "To", "Cc", "Reply-To"):
+        meant, came = _addr_specs(msg, name), _addr_specs(parsed, name)
+        if came != meant:
+            raise TemplateError(f"header check failed: {name} came out as {came}, not {meant}")
+
+
+def _addr_specs(msg: email.message.Message, name: str) -> list[str]:
+    """The addresses of an address header as a reader's mail program will see them."""
+    header = msg[name]
+    return [a.addr_spec for a in getattr(header, "addresses", ())] if header is not None else []

@@ -20,9 +20,9 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from dispatcher import overflow, wire
+from dispatcher import curve, overflow, wire
 from dispatcher.backoff import retry_delay
-from dispatcher.errors import InvalidRequest, StartupError, TemplateError
+from dispatcher.errors import DispatcherError, InvalidRequest, StartupError, TemplateError
 from dispatcher.observer import Observer
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
@@ -93,9 +93,15 @@ class Daemon:
         if not settings.templates.dir.is_dir():
             raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_)
+        for key in ("bind", "acks"):
+            curve.check_bind_allowed(
+                f"intake.{key}", getattr(settings.intake, key), settings.intake.curve
+            )
         self.spool = Spool(settings.spool.path)
         self.observer = Observer(settings, self.spool)
         self.context = zmq.asyncio.Context()
+        self.counts: Counter[str] = Counter()
+        self.gate: curve.Gatekeeper | None = None
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         # Frames up to twice the protocol limit still arrive, to be rejected with their size;
@@ -107,23 +113,32 @@ class Daemon:
         self.receipts = self.context.socket(zmq.PUB)
         self.receipts.setsockopt(zmq.LINGER, 200)
         self.receipts.setsockopt(zmq.SNDHWM, RECEIPT_HWM)
-        for key, socket, endpoint in (
-            ("intake.bind", self.pull, settings.intake.bind),
-            ("intake.acks", self.receipts, settings.intake.acks),
-        ):
-            try:
-                socket.bind(endpoint)
-            except zmq.ZMQError as exc:
-                self.close()
-                raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
+        try:
+            for socket in (self.pull, self.receipts):  # receipts follow the intake's rules
+                curve.secure_server_socket(socket, settings.intake)
+            self.gate = curve.start_authenticator(self.context, settings.intake, self.counts)
+            for key, socket, endpoint in (
+                ("intake.bind", self.pull, settings.intake.bind),
+                ("intake.acks", self.receipts, settings.intake.acks),
+            ):
+                if self.gate is not None:
+                    self.gate.watch(socket, key)
+                try:
+                    socket.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
+        except DispatcherError:  # an address in use, or a key or allowlist that cannot be read
+            self.close()
+            raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()
         self.wake = asyncio.Event()
-        self.counts: Counter[str] = Counter()
 
     def close(self) -> None:
         self.observer.close()
+        if self.gate is not None:
+            self.gate.stop()
         self.pull.close(linger=0)
         self.receipts.close()
         self.context.term()
@@ -242,8 +257,11 @@ class Daemon:
             timeout = IDLE_WAKE
             if next_due is not None and next_due > current:
                 timeout = min(IDLE_WAKE, next_due - current)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+            # arrives as the event is set, and the feeder then outlived shutdown by IDLE_WAKE.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
 
     async def work(self) -> None:
         """One delivery worker with its own SMTP connection, kept open between messages."""

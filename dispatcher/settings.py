@@ -27,11 +27,28 @@ ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCurveSettings:
+    """The daemon's CURVE key and the public keys of the clients allowed in (dispatcher.curve)."""
+
+    secret_key_file: Path | None = None
+    authorized_keys_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCurveSettings:
+    """The client's own CURVE key and the daemon's public key (dispatcher.curve)."""
+
+    server_public_key_file: Path | None = None
+    secret_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class IntakeSettings:
     """The daemon's sockets."""
 
     bind: str = "tcp://127.0.0.1:5559"
     acks: str = "tcp://127.0.0.1:5560"
+    curve: ServerCurveSettings | None = None  # required to bind anywhere but loopback or ipc
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,7 @@ class ClientSettings:
     overflow_dir: Path = Path("var/overflow")
     ack_timeout: float = 2.0  # no receipt after this: send again; after twice this: spill
     exit_wait: float = 2.0  # at interpreter exit, wait this long for receipts, then spill
+    curve: ClientCurveSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +87,7 @@ class SmtpSettings:
     security: Literal["none", "starttls", "tls"] = "none"
     username: str | None = None
     password_file: Path | None = None
+    ca_file: Path | None = None  # CA bundle (PEM) to verify the server with, e.g. a private CA
     timeout: float = 30.0
     connections: int = 8
 
@@ -311,6 +330,13 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("client.ack_timeout must be positive and client.exit_wait >= 0")
     if settings.spool.keep_sent < 0:
         raise SettingsError("spool.keep_sent: must be 0 or more seconds")
+    for key, curve in [
+        ("intake.curve", settings.intake.curve),
+        ("client.curve", settings.client.curve),
+    ]:
+        missing = [f.name for f in fields(curve) if getattr(curve, f.name) is None] if curve else []
+        if missing:
+            raise SettingsError(f"{key}.{missing[0]}: required when {key} is set")
     smtp, retry = settings.smtp, settings.retry
     if not 0 < smtp.port < 65536:
         raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from dispatcher.errors import StartupError
+from dispatcher.permissions import private_dir, private_file
 from dispatcher.wire import PRIORITIES, Request
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
@@ -89,7 +90,8 @@ class Spool:
 
     def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the spool holds every message; its -wal and -shm files get its mode.
+            private_file(private_dir(path.parent) / path.name)
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
             # takes the write lock up front instead of failing half-way with SQLITE_BUSY.
             self.db = sqlite3.connect(path, isolation_level=None, timeout=timeout)

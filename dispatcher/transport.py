@@ -13,6 +13,7 @@ per recipient), so the service loop decides with a `match` on values instead of 
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import time
 from collections.abc import Sequence
@@ -172,6 +173,9 @@ class SmtpConnection:
             # Explicit, never aiosmtplib's default None, which is opportunistic STARTTLS that a
             # stripped EHLO downgrades silently.
             start_tls=settings.security == "starttls",
+            # TLS means a verified certificate: the system's CAs, or smtp.ca_file.
+            validate_certs=True,
+            cert_bundle=str(settings.ca_file) if settings.ca_file else None,
             username=settings.username,
             password=self._password,
         )
@@ -225,6 +229,25 @@ class SmtpConnection:
             refused={r: scrub(t) for r, t in attempt.refused.items()},
             reply=scrub(attempt.reply),
         )
+
+
+def credential_warnings(settings: SmtpSettings) -> list[str]:
+    """What `dispatcher check` warns about: credentials that would cross a network in clear."""
+    if settings.username is None or settings.security != "none" or _is_loopback(settings.host):
+        return []
+    return [
+        f"smtp: the username and password would be sent to {settings.host} without TLS"
+        " (smtp.security: none); use starttls or tls"
+    ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def _per_recipient(

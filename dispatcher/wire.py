@@ -22,6 +22,14 @@ VERSION = 1
 # The daemon's socket refuses frames above twice this (ZMQ_MAXMSGSIZE), so a frame between the
 # two limits still reaches the daemon and is recorded as rejected with its size.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+# Limits a request must keep, checked by the client and again by the daemon. They bound what one
+# frame can make the daemon do (parse, store, render, send) and how far one call can spread mail.
+MAX_RECIPIENTS = 50  # to + cc + bcc together
+MAX_ATTACHMENTS = 10
+MAX_ATTACHMENT_BYTES = 2 * 1024 * 1024  # decoded, each; the frame limit bounds the total
+MAX_CONTEXT_BYTES = 64 * 1024  # the context as JSON
+MAX_HEADERS = 20  # extra headers of one request
+MAX_HEADER_CHARS = 900  # one extra header's value
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -137,6 +145,7 @@ def validate(fields: object) -> Request:
         raise InvalidRequest(f"unknown field {unknown[0]!r}")
     if fields.get("v") != VERSION:
         raise InvalidRequest(f"v: unsupported protocol version {fields.get('v')!r}, expected 1")
+    _check_recipient_count(fields)
     lists = {name: _addresses(fields.get(name), name) for name in ADDRESS_LIST_FIELDS}
     if not lists["to"]:
         raise InvalidRequest("to: at least one recipient is required")
@@ -199,6 +208,16 @@ def _template(value: object) -> str:
     return value
 
 
+def _check_recipient_count(fields: dict[str, Any]) -> None:
+    """Count before parsing: a frame of 100,000 addresses must not cost 100,000 validations."""
+    counted = [fields.get(name) for name in ("to", "cc", "bcc")]
+    total = sum(len(v) if isinstance(v, list) else 1 for v in counted if v is not None)
+    if total > MAX_RECIPIENTS:
+        raise InvalidRequest(
+            f"to, cc, bcc: {total} recipients; at most {MAX_RECIPIENTS} recipients per request"
+        )
+
+
 def _addresses(value: object, name: str) -> tuple[Address, ...]:
     if value is None:
         return ()
@@ -213,6 +232,14 @@ def _context(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest(f"context: expected an object, got {type(value).__name__}")
+    try:
+        size = len(orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError as exc:  # also orjson's nesting limit
+        raise InvalidRequest(f"context: cannot be encoded as JSON: {exc}") from None
+    if size > MAX_CONTEXT_BYTES:
+        raise RequestTooLarge(
+            f"context: {size} bytes as JSON, at most {MAX_CONTEXT_BYTES} bytes are allowed"
+        )
     return value
 
 
@@ -221,6 +248,8 @@ def _headers(value: object) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest("headers: expected an object of header names to values")
+    if len(value) > MAX_HEADERS:
+        raise InvalidRequest(f"headers: {len(value)} headers, at most {MAX_HEADERS} are allowed")
     for name, text in value.items():
         if not HEADER_NAME.match(name):
             raise InvalidRequest(f"headers: {name!r} is not a valid header name")
@@ -229,8 +258,10 @@ def _headers(value: object) -> dict[str, str]:
         if not isinstance(text, str):
             raise InvalidRequest(f"headers.{name}: expected a string")
         check_header_text(text, f"headers.{name}")
-        if len(text) > 900:
-            raise InvalidRequest(f"headers.{name}: longer than 900 characters")
+        if len(text) > MAX_HEADER_CHARS:
+            raise InvalidRequest(
+                f"headers.{name}: at most {MAX_HEADER_CHARS} characters are allowed"
+            )
     return value
 
 
@@ -239,6 +270,10 @@ def _attachments(value: object) -> tuple[Attachment, ...]:
         return ()
     if not isinstance(value, list):
         raise InvalidRequest("attachments: expected a list")
+    if len(value) > MAX_ATTACHMENTS:
+        raise InvalidRequest(
+            f"attachments: {len(value)} files, at most {MAX_ATTACHMENTS} are allowed"
+        )
     result = []
     for i, item in enumerate(value):
         where = f"attachments[{i}]"
@@ -257,6 +292,10 @@ def _attachments(value: object) -> tuple[Attachment, ...]:
             content = base64.b64decode(item["data"], validate=True)
         except (ValueError, TypeError):
             raise InvalidRequest(f"{where}.data: expected base64") from None
+        if len(content) > MAX_ATTACHMENT_BYTES:
+            raise InvalidRequest(
+                f"{where}: {len(content)} bytes, at most {MAX_ATTACHMENT_BYTES} bytes per file"
+            )
         result.append(Attachment(filename, content_type, content))
     return tuple(result)
 

@@ -122,7 +122,7 @@ def test_enqueue_sends_one_frame_with_the_request(daemon: FakeDaemon, tmp_path: 
         (
             {"to": "a@example.com", "context": {"x": "y" * 5_000_000}},
             RequestTooLarge,
-            "over the limit",
+            "context: 5000008 bytes as JSON, at most 65536 bytes",
         ),
         (
             {"to": "a@example.com", "send_at": datetime(2030, 1, 1)},

@@ -1,5 +1,6 @@
 """The spool file: idempotent intake, due order, crash recovery and counts."""
 
+import stat
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,3 +98,14 @@ def test_purge_deletes_old_rows_of_one_state_with_their_attempts(tmp_path: Path)
         assert spool.purge("dead", None, now=1000.0) == 1
         assert spool.purge("sent", 0.0, now=1000.0, limit=5) == 1
         assert spool.counts()["sent"] == 0
+
+
+def test_spool_and_its_wal_files_are_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "spool.sqlite3"
+    with Spool(path) as spool, spool.transaction():
+        pass
+    files = [path, path.with_name("spool.sqlite3-wal"), path.with_name("spool.sqlite3-shm")]
+    with Spool(path):  # WAL and shared-memory files exist while a connection is open
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o600) and len(modes) == 3
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
