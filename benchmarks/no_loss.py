@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 from tests.smtp_server import SmtpServer  # noqa: E402
 from tests.test_no_loss import (  # noqa: E402
-    delivered,
+    kill_twice,
     stored_at_least,
     wait_for_all,
     wait_until,
@@ -83,12 +83,7 @@ def killed_twice(folder: Path, smtp: SmtpServer) -> None:
     settings = write_settings(folder, smtp.port)
     daemon = DaemonProcess(settings)
     app = run_app(settings, 3000, "--pause-every", "20", "--flush", "60")
-    wait_until(partial(stored_at_least, daemon, 1000), "1000 stored")
-    daemon.kill()
-    daemon = DaemonProcess(settings)
-    wait_until(lambda: len(delivered(smtp)) >= 500, "500 delivered")
-    daemon.kill()
-    daemon = DaemonProcess(settings)
+    daemon = kill_twice(daemon, DaemonProcess, smtp, stored=1000, sent=500)
     ids, calls = finish(app)
     try:
         report("3,000 with SIGKILL twice", ids, smtp, lambda: daemon.log)

@@ -68,6 +68,19 @@ def stored_at_least(daemon: DaemonProcess, count: int) -> bool:
     return sum(counts[s] for s in ("queued", "retry", "sending", "sent")) >= count
 
 
+def kill_twice(
+    daemon: DaemonProcess, start: StartDaemon, smtp_server: SmtpServer, stored: int, sent: int
+) -> DaemonProcess:
+    """SIGKILL the daemon once while requests pour in (`stored` in its spool) and once while
+    sends are in flight (`sent` at the server), restarting it each time; the last one."""
+    wait_until(partial(stored_at_least, daemon, stored), f"{stored} requests stored")
+    daemon.kill()
+    daemon = start(daemon.settings_path)
+    wait_until(lambda: len(delivered(smtp_server)) >= sent, f"{sent} requests delivered")
+    daemon.kill()
+    return start(daemon.settings_path)
+
+
 def test_requests_enqueued_with_no_daemon_arrive_once_it_starts(
     tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
 ) -> None:
@@ -89,13 +102,7 @@ def test_daemon_killed_twice_under_load_loses_nothing(
     settings = write_settings(tmp_path, smtp_server.port)
     daemon = start_daemon(settings)
     app = start_app(settings, 1500, "--pause-every", "20", "--flush", "60")
-    # Once while requests pour in, once while sends are in flight.
-    wait_until(partial(stored_at_least, daemon, 300), "300 requests stored")
-    daemon.kill()
-    daemon = start_daemon(settings)
-    wait_until(lambda: len(delivered(smtp_server)) >= 200, "200 requests delivered")
-    daemon.kill()
-    daemon = start_daemon(settings)
+    daemon = kill_twice(daemon, start_daemon, smtp_server, stored=300, sent=200)
     ids = enqueued_ids(app, timeout=DEADLINE)
     seen = wait_for_all(smtp_server, ids, lambda: daemon.log)
     assert set(seen) == set(ids)
