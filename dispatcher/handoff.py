@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LINGER_MS = 200
 SEND_HWM = 10_000
 TICK = 0.05  # seconds between the background thread's checks when no receipt arrives
+HANDSHAKE_GRACE = 0.2  # seconds to wait for the other daemons' receipts after the first
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
 
 
@@ -62,14 +63,28 @@ class Handoff:
         self.receipts = self.context.socket(zmq.SUB)
         self.receipts.setsockopt(zmq.LINGER, 0)
         self.receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
-        from dispatcher.curve import secure_client_socket  # lazy: keeps `import dispatcher` light
+        if self.settings.curve is not None:  # imported only then: it costs a first call ~15 ms
+            from dispatcher.curve import secure_client_socket
 
-        secure_client_socket(self.push, self.settings)
-        secure_client_socket(self.receipts, self.settings)
+            secure_client_socket(self.push, self.settings)
+            secure_client_socket(self.receipts, self.settings)
         for endpoint in self.settings.connect:
             self.push.connect(endpoint)
+        # A receipt published before our subscription reaches the daemon is lost, and a lost
+        # receipt means a re-send, which with several daemons may go to another one and be
+        # delivered twice. So requests wait (briefly, in `unsent`) until the receipts socket
+        # has completed a handshake with a daemon; the subscription goes out right after it.
+        # With several daemons it waits for all of them, or for HANDSHAKE_GRACE after the first
+        # when another is down.
+        self.listening = threading.Event()
+        self.handshakes = self.receipts.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.handshakes_seen = 0
+        self.first_handshake_at: float | None = None
         for endpoint in self.settings.acks:
             self.receipts.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.receipts, zmq.POLLIN)
+        self.poller.register(self.handshakes, zmq.POLLIN)
         self.lock = threading.Condition()
         self.pending: dict[str, Pending] = {}  # handed over, oldest send first
         # Not handed over: no daemon connected yet (a fresh socket needs its connection first)
@@ -88,7 +103,7 @@ class Handoff:
         """Send without blocking and keep the request until its receipt comes."""
         with self.lock:
             entry = Pending(frame, time.monotonic(), 0)
-            if not self.unsent and self._send(frame):
+            if self.listening.is_set() and not self.unsent and self._send(frame):
                 entry.sends = 1
                 self.pending[request_id] = entry
             else:
@@ -118,12 +133,12 @@ class Handoff:
         self.thread.join(timeout=5.0)
         deadline = time.monotonic() + wait
         while self._worth_waiting() and time.monotonic() < deadline:
-            if self.receipts.poll(int(TICK * 1000)):
-                self._take_receipts()
-            self._send_unsent()
+            self._listen()
         self._spill_all()
         if self.unsent:
             log.critical("dispatcher client: %d requests lost at exit", len(self.unsent))
+        self.receipts.disable_monitor()
+        self.handshakes.close()
         self.receipts.close()
         self.push.close()
         self.context.term()
@@ -135,9 +150,7 @@ class Handoff:
         next_overflow = 0.0
         while not self.stopping.is_set():
             try:
-                if self.receipts.poll(int(TICK * 1000)):
-                    self._take_receipts()
-                self._send_unsent()
+                self._listen()
                 self._check_timeouts()
                 if time.monotonic() >= next_overflow:
                     next_overflow = time.monotonic() + 1.0
@@ -147,6 +160,21 @@ class Handoff:
             except Exception:  # the keeper must outlive any one bad moment
                 log.exception("dispatcher client: hand-off thread error; continuing")
                 self.stopping.wait(TICK)
+
+    def _listen(self) -> None:
+        """Wait up to one tick for a handshake or receipts; then send what waited for them."""
+        ready = dict(self.poller.poll(int(TICK * 1000)))
+        if self.handshakes in ready:
+            self.handshakes.recv_multipart()
+            self.handshakes_seen += 1
+            self.first_handshake_at = self.first_handshake_at or time.monotonic()
+        if not self.listening.is_set() and self.first_handshake_at is not None:
+            everyone = self.handshakes_seen >= len(self.settings.acks)
+            if everyone or time.monotonic() - self.first_handshake_at >= HANDSHAKE_GRACE:
+                self.listening.set()
+        if self.receipts in ready:
+            self._take_receipts()
+        self._send_unsent(send=self.listening.is_set())
 
     def _take_receipts(self) -> None:
         """Drain the receipts socket: `"<client> <id> <id> ..."` per committed batch."""
@@ -190,7 +218,7 @@ class Handoff:
             self.spilling += len(expired_frames)
         self._spill(expired_frames)
 
-    def _send_unsent(self) -> None:
+    def _send_unsent(self, *, send: bool = True) -> None:
         """Hand over what waited for a connection; spill what waited `ack_timeout` in vain."""
         now, timeout = time.monotonic(), self.settings.ack_timeout
         spill: list[bytes] = []
@@ -198,8 +226,8 @@ class Handoff:
             for request_id, entry in list(self.unsent.items()):
                 if entry.sent_at + timeout <= now:
                     spill.append(entry.frame)
-                elif not self._send(entry.frame):
-                    break  # still no room: the younger ones wait too
+                elif not (send and self._send(entry.frame)):
+                    break  # still no room (or not listening yet): the younger ones wait too
                 else:
                     entry.sends, entry.sent_at = 1, now
                     self.pending[request_id] = entry

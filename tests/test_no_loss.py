@@ -155,7 +155,10 @@ def test_two_daemons_share_the_load_and_one_killed_loses_nothing(
     start_daemon(daemons[0].settings_path)
     seen = wait_for_all(smtp_server, ids, lambda: daemons[1].log)
     assert set(seen) == set(ids)
-    assert sum(seen.values()) - len(seen) <= daemons[0].settings.smtp.connections
+    # Only what a held when it died can arrive twice: a send in flight, or a request it had
+    # committed whose receipt died with it, so the client re-sent it to b.
+    twice = {request_id for request_id, n in seen.items() if n > 1}
+    assert twice <= held_by_a, f"{len(twice - held_by_a)} duplicates a did not hold"
 
 
 def _client(daemon: DaemonProcess) -> dict[str, Any]:
