@@ -15,6 +15,7 @@ import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import zmq
@@ -134,6 +135,7 @@ class Daemon:
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
         self.in_hand: set[str] = set()
         self.wake = asyncio.Event()
+        self.overflow_complaint = ""
 
     def close(self) -> None:
         self.observer.close()
@@ -203,23 +205,36 @@ class Daemon:
                     self.receipts.send(frame, zmq.NOBLOCK)
 
     async def ingest_overflow(self) -> None:
-        """Read spill files into the spool, deleting each only after its batch committed."""
-        folder = self.settings.client.overflow_dir
+        """Read spill files into the spool, at start and then every OVERFLOW_SCAN seconds."""
         while True:
-            for path in overflow.waiting(folder):
-                try:
-                    frames = overflow.read(path)
-                    if frames is None:
-                        continue  # a client handing it over took it first
-                    for start in range(0, len(frames), BATCH):
-                        self.store(frames[start : start + BATCH])
-                    overflow.remove(path)
-                except OSError as exc:
-                    log.error("cannot ingest overflow file %s: %s", path, exc)
-                    continue
-                log.info("ingested %d requests from overflow file %s", len(frames), path.name)
-                await asyncio.sleep(0)  # let intake and delivery run between files
+            for path in self.overflow_files():
+                await self.ingest(path)
             await asyncio.sleep(OVERFLOW_SCAN)
+
+    def overflow_files(self) -> list[Path]:
+        folder = self.settings.client.overflow_dir
+        try:
+            return overflow.waiting(folder)
+        except OSError as exc:  # e.g. a folder the daemon's user may not read
+            if str(exc) != self.overflow_complaint:  # said once, not every scan
+                self.overflow_complaint = str(exc)
+                log.error("cannot read client.overflow_dir %s: %s", folder, exc)
+            return []
+
+    async def ingest(self, path: Path) -> None:
+        """Commit one spill file's requests, then delete it (never before the commit)."""
+        try:
+            frames = overflow.read(path)
+            if frames is None:
+                return  # another daemon or a client took it first
+            for start in range(0, len(frames), BATCH):
+                self.store(frames[start : start + BATCH])
+                await asyncio.sleep(0)  # a large file must not hold up the loop
+            overflow.remove(path)
+        except OSError as exc:
+            log.error("cannot ingest overflow file %s: %s", path, exc)
+            return
+        log.info("ingested %d requests from overflow file %s", len(frames), path.name)
 
     async def prune(self) -> None:
         """Delete sent requests older than `spool.keep_sent`, a slice at a time."""
