@@ -54,22 +54,8 @@ class Handoff:
         self.settings = settings.client
         self.client_id = secrets.token_hex(8)
         self.context = zmq.Context()
-        self.push = self.context.socket(zmq.PUSH)
-        # IMMEDIATE: queue only on live connections, so "no daemon" is an error we see
-        # (zmq.Again) rather than frames piling up for a peer that may never come.
-        self.push.setsockopt(zmq.IMMEDIATE, 1)
-        self.push.setsockopt(zmq.SNDHWM, SEND_HWM)
-        self.push.setsockopt(zmq.LINGER, LINGER_MS)
-        self.receipts = self.context.socket(zmq.SUB)
-        self.receipts.setsockopt(zmq.LINGER, 0)
-        self.receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
-        if self.settings.curve is not None:  # imported only then: it costs a first call ~15 ms
-            from dispatcher.curve import secure_client_socket
-
-            secure_client_socket(self.push, self.settings)
-            secure_client_socket(self.receipts, self.settings)
-        for endpoint in self.settings.connect:
-            self.push.connect(endpoint)
+        self.push = self._push_socket()
+        self.receipts = self._receipts_socket()
         # A receipt published before our subscription reaches the daemon is lost, and a lost
         # receipt means a re-send, which with several daemons may go to another one and be
         # delivered twice. So requests wait (briefly, in `unsent`) until the receipts socket
@@ -80,6 +66,7 @@ class Handoff:
         self.handshakes = self.receipts.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.handshakes_seen = 0
         self.first_handshake_at: float | None = None
+        self.deaf_since: float | None = time.monotonic()  # None once listening or warned
         for endpoint in self.settings.acks:
             self.receipts.connect(endpoint)
         self.poller = zmq.Poller()
@@ -96,6 +83,32 @@ class Handoff:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
         self.thread.start()
+
+    def _push_socket(self) -> zmq.Socket[bytes]:
+        push = self.context.socket(zmq.PUSH)
+        # IMMEDIATE: queue only on live connections, so "no daemon" is an error we see
+        # (zmq.Again) rather than frames piling up for a peer that may never come.
+        push.setsockopt(zmq.IMMEDIATE, 1)
+        push.setsockopt(zmq.SNDHWM, SEND_HWM)
+        push.setsockopt(zmq.LINGER, LINGER_MS)
+        self._secure(push)
+        for endpoint in self.settings.connect:
+            push.connect(endpoint)
+        return push
+
+    def _receipts_socket(self) -> zmq.Socket[bytes]:
+        """Subscribed to this client's receipts; connected once its monitor is in place."""
+        receipts = self.context.socket(zmq.SUB)
+        receipts.setsockopt(zmq.LINGER, 0)
+        receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
+        self._secure(receipts)
+        return receipts
+
+    def _secure(self, socket: zmq.Socket[bytes]) -> None:
+        if self.settings.curve is not None:  # imported only then: it costs a first call ~15 ms
+            from dispatcher.curve import secure_client_socket
+
+            secure_client_socket(socket, self.settings)
 
     # -- the caller's side -------------------------------------------------------------
 
@@ -172,9 +185,28 @@ class Handoff:
             everyone = self.handshakes_seen >= len(self.settings.acks)
             if everyone or time.monotonic() - self.first_handshake_at >= HANDSHAKE_GRACE:
                 self.listening.set()
+        self._warn_if_deaf()
         if self.receipts in ready:
             self._take_receipts()
         self._send_unsent(send=self.listening.is_set())
+
+    def _warn_if_deaf(self) -> None:
+        """Say so when a daemon takes requests but its receipts never come: a wrong
+        `client.acks` would otherwise only show as every request being spilled."""
+        if self.listening.is_set() or self.deaf_since is None:
+            return
+        if time.monotonic() - self.deaf_since < self.settings.ack_timeout:
+            return
+        with self.lock:
+            connected = bool(self.push.poll(0, zmq.POLLOUT))
+        if connected:
+            self.deaf_since = None
+            log.warning(
+                "dispatcher client: a daemon is connected but no receipts socket answers at"
+                " client.acks %s; requests go to %s until one does",
+                ", ".join(self.settings.acks),
+                self.settings.overflow_dir,
+            )
 
     def _take_receipts(self) -> None:
         """Drain the receipts socket: `"<client> <id> <id> ..."` per committed batch."""

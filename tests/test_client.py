@@ -227,3 +227,32 @@ def test_process_exits_promptly_with_the_daemon_down(tmp_path: Path) -> None:
         [sys.executable, "-c", code], timeout=20, check=True, capture_output=True, text=True
     )
     assert spilled_ids(folder) == [done.stdout.strip()]
+
+
+def test_a_wrong_receipts_address_is_reported_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeDaemon()
+    with zmq.Context() as context, context.socket(zmq.PULL) as probe:
+        nobody = probe.bind_to_random_port("tcp://127.0.0.1")  # free once the probe closes
+    folder = tmp_path / "overflow"
+    dispatcher.configure(
+        None,
+        client={
+            "connect": [fake.endpoint],
+            "acks": [f"tcp://127.0.0.1:{nobody}"],
+            "overflow_dir": str(folder),
+            "ack_timeout": 0.3,
+        },
+    )
+    try:
+        request_id = dispatcher.enqueue_email("welcome", to="a@example.com")
+        assert dispatcher.flush(5.0) is False
+        assert spilled_ids(folder) == [request_id]
+        deadline = time.monotonic() + 10
+        while "no receipts socket answers at client.acks" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+    finally:
+        client._state.close()
+        fake.close()
