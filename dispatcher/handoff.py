@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LINGER_MS = 200
 SEND_HWM = 10_000
 TICK = 0.05  # seconds between the background thread's checks when no receipt arrives
-HANDSHAKE_GRACE = 0.2  # seconds to wait for the other daemons' receipts after the first
+HANDSHAKE_GRACE = 1.0  # seconds to wait for the other daemons' receipts after the first
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
 
 
