@@ -164,6 +164,7 @@ class PreviewApp:
     def template(self, name: str) -> Response:
         folder = self._template_folder(name)
         samples, error = self._samples(name)
+        error = error or self._syntax_error(folder)
         files = sorted(p.name for p in folder.iterdir() if p.is_file())
         return self._page("template.html", name=name, samples=samples, error=error, files=files)
 
@@ -281,6 +282,17 @@ class PreviewApp:
             return self.renderer.samples(name), None
         except TemplateError as exc:
             return {}, self._error(exc)
+
+    def _syntax_error(self, folder: Path) -> dict[str, Any] | None:
+        """The first syntax error in the template's own files: shown on its page even when
+        it has no samples, which would otherwise be the only way to see it."""
+        with self._lock:
+            errors = self.renderer.compile_errors()
+        for exc in errors:
+            path = (exc.location or "").rpartition(":")[0]
+            if path and (self.renderer.templates_dir.parent / path).parent == folder:
+                return self._error(exc)
+        return None
 
     def _template_folder(self, name: str) -> Path:
         if not self.renderer.has_template(name):

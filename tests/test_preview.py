@@ -129,6 +129,21 @@ def test_a_broken_template_shows_file_line_and_source(start_ui: StartUi, tmp_pat
     assert ui.get("/templates/invoice/paid").status == 200
 
 
+def test_a_syntax_error_shows_on_the_template_page_even_without_samples(
+    start_ui: StartUi, tmp_path: Path
+) -> None:
+    ui = start_ui()
+    broken = tmp_path / "templates" / "unsampled"
+    broken.mkdir()
+    (broken / "subject.txt").write_text("Hi\n")
+    (broken / "body.html").write_text("<p>{% if x %}never closed</p>\n")
+    page = ui.get("/templates/unsampled")
+    assert page.status == 200
+    assert "templates/unsampled/body.html:1: Unexpected end of template" in page.text
+    assert "No samples" not in page.text
+    assert "Does not render" not in ui.get("/templates/invoice").text  # only its own files
+
+
 def test_a_broken_preview_yaml_is_shown_with_its_line(start_ui: StartUi, tmp_path: Path) -> None:
     ui = start_ui()
     (tmp_path / "templates" / "invoice" / "preview.yaml").write_text("paid:\n  number: [\n")
