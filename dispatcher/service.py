@@ -115,19 +115,7 @@ class Daemon:
         self.receipts.setsockopt(zmq.LINGER, 200)
         self.receipts.setsockopt(zmq.SNDHWM, RECEIPT_HWM)
         try:
-            for socket in (self.pull, self.receipts):  # receipts follow the intake's rules
-                curve.secure_server_socket(socket, settings.intake)
-            self.gate = curve.start_authenticator(self.context, settings.intake, self.counts)
-            for key, socket, endpoint in (
-                ("intake.bind", self.pull, settings.intake.bind),
-                ("intake.acks", self.receipts, settings.intake.acks),
-            ):
-                if self.gate is not None:
-                    self.gate.watch(socket, key)
-                try:
-                    socket.bind(endpoint)
-                except zmq.ZMQError as exc:
-                    raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
+            self.bind_sockets()
         except DispatcherError:  # an address in use, or a key or allowlist that cannot be read
             self.close()
             raise
@@ -136,6 +124,23 @@ class Daemon:
         self.in_hand: set[str] = set()
         self.wake = asyncio.Event()
         self.overflow_complaint = ""
+
+    def bind_sockets(self) -> None:
+        """Intake and receipts, each secured by CURVE when `intake.curve` is set."""
+        intake = self.settings.intake
+        for socket in (self.pull, self.receipts):  # receipts follow the intake's rules
+            curve.secure_server_socket(socket, intake)
+        self.gate = curve.start_authenticator(self.context, intake, self.counts)
+        for key, socket, endpoint in (
+            ("intake.bind", self.pull, intake.bind),
+            ("intake.acks", self.receipts, intake.acks),
+        ):
+            if self.gate is not None:
+                self.gate.watch(socket, key)
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
 
     def close(self) -> None:
         self.observer.close()
