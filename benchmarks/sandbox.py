@@ -23,23 +23,14 @@ import jinja2.sandbox
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dispatcher.render import Renderer  # noqa: E402
+from dispatcher.render import Renderer, template_environment  # noqa: E402
 from dispatcher.wire import validate  # noqa: E402
 
 TEMPLATES = ROOT / "templates"
 
 
 def environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
-    return cls(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        autoescape=jinja2.select_autoescape(
-            enabled_extensions=("html", "htm", "xml"), default_for_string=False, default=False
-        ),
-        auto_reload=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    return template_environment(TEMPLATES, auto_reload=False, kind=cls)
 
 
 def best_us(works: dict[str, Callable[[], object]], renders: int, rounds: int) -> dict[str, float]:
