@@ -309,15 +309,19 @@ class Handoff:
         except zmq.ZMQError:  # Again: no daemon connected or its queue full; or closed
             return False
 
+    def _awaiting_receipt(self) -> bool:
+        """Handed over, not yet acknowledged, and not from a spill file (those are durable)."""
+        return len(self.pending) > sum(self.sources.values())
+
     def _own_pending(self) -> bool:
-        """Requests of this process not yet durable anywhere (spill-file ones already are)."""
-        return bool(self.unsent) or len(self.pending) > sum(self.sources.values())
+        """Requests of this process not yet durable anywhere."""
+        return bool(self.unsent) or self._awaiting_receipt()
 
     def _worth_waiting(self) -> bool:
         """At exit: a receipt may still come, or a connected daemon can take what waits."""
         with self.lock:
-            handed_over = len(self.pending) > sum(self.sources.values())
-            return handed_over or bool(self.unsent and self.push.poll(0, zmq.POLLOUT))
+            connected = bool(self.unsent and self.push.poll(0, zmq.POLLOUT))
+            return self._awaiting_receipt() or connected
 
     def _spill_all(self) -> None:
         with self.lock:

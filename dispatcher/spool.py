@@ -19,6 +19,7 @@ from dispatcher.permissions import private_dir, private_file
 from dispatcher.wire import PRIORITIES, Request
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
+WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
 EXCERPT_BYTES = 200
 PURGE_BATCH = 5000  # requests deleted per transaction
 
@@ -292,23 +293,19 @@ class Spool:
 
     def waiting_ids(self) -> list[str]:
         """Ids of the requests not yet sent or dead."""
-        rows = self.db.execute(
-            "select id from requests where state in ('queued', 'retry', 'sending')"
-        ).fetchall()
+        rows = self.db.execute(f"select id from requests where {WAITING}").fetchall()
         return [request_id for (request_id,) in rows]
 
     def oldest_waiting(self) -> float | None:
         """Creation time of the oldest request not yet sent or dead."""
         (when,) = self.db.execute(
-            "select min(created_at) from requests where state in ('queued', 'retry', 'sending')"
+            f"select min(created_at) from requests where {WAITING}"
         ).fetchone()
         return float(when) if when is not None else None
 
     def waiting(self) -> int:
         """How many requests are not yet sent or dead (cheap: reads only their index range)."""
-        (n,) = self.db.execute(
-            "select count(*) from requests where state in ('queued', 'retry', 'sending')"
-        ).fetchone()
+        (n,) = self.db.execute(f"select count(*) from requests where {WAITING}").fetchone()
         return int(n)
 
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
