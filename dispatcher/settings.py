@@ -76,6 +76,8 @@ class TemplatesSettings:
     """The folder of templates, one sub-folder per template name."""
 
     dir: Path = Path("templates")
+    # Worker processes that render (Jinja, CSS, MIME) beside the event loop; 0 renders on it.
+    render_processes: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +342,8 @@ def _checked(settings: Settings) -> Settings:
     smtp, retry = settings.smtp, settings.retry
     if not 0 < smtp.port < 65536:
         raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")
+    if not 0 <= settings.templates.render_processes <= 64:
+        raise SettingsError("templates.render_processes: expected 0 to 64")
     if smtp.connections < 1 or smtp.timeout <= 0:
         raise SettingsError("smtp.connections and smtp.timeout: must be positive")
     first, longest = retry.backoff

@@ -86,6 +86,34 @@ class Row:
     message_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Attempt `number` of a rendered request begins at `at`."""
+
+    row: Row
+    number: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """How an attempt (or a render) ended: the request's new state and what to keep of it."""
+
+    request_id: str
+    state: str
+    at: float
+    reply: str
+    next_attempt_at: float | None = None
+    code: int | None = None
+    number: int | None = None  # the attempt, None when nothing was sent (a render failure)
+    recipients: Sequence[str] | None = None  # still to deliver; None keeps the stored list
+    delivered: Sequence[str] = ()
+    refused: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        assert self.state in STATES
+
+
 class Spool:
     """One connection to the spool file; used from one thread (the daemon's event loop)."""
 
@@ -164,32 +192,52 @@ class Spool:
 
         An id (or idempotency key) already held is ignored, so a re-sent request is stored once.
         """
-        added = []
+        rows = [
+            (
+                request.id,
+                request.idempotency_key,
+                request.template,
+                fields,
+                PRIORITIES[request.priority],
+                now,
+                request.send_at.timestamp() if request.send_at else now,
+                now,
+            )
+            for request, fields in requests
+        ]
         with self.transaction() as db:
-            for request, fields in requests:
-                due = request.send_at.timestamp() if request.send_at else now
-                cursor = db.execute(
-                    "insert or ignore into requests (id, idempotency_key, template, request, state,"
-                    " priority, created_at, next_attempt_at, updated_at)"
-                    " values (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (
-                        request.id,
-                        request.idempotency_key,
-                        request.template,
-                        fields,
-                        PRIORITIES[request.priority],
-                        now,
-                        due,
-                        now,
-                    ),
-                )
-                if cursor.rowcount:
-                    added.append(request.id)
+            before = db.total_changes
+            db.executemany(
+                "insert or ignore into requests (id, idempotency_key, template, request, state,"
+                " priority, created_at, next_attempt_at, updated_at)"
+                " values (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                rows,
+            )
+            if db.total_changes - before == len(rows):  # the usual case: all of them new
+                added = [row[0] for row in rows]
+            else:  # some were held already (a re-send, an idempotency key): which are ours?
+                added = self._added_at(db, [row[0] for row in rows], now)
             db.executemany(
                 "insert into rejected (received_at, reason, excerpt) values (?, ?, ?)",
                 [(now, reason, frame[:EXCERPT_BYTES]) for reason, frame in rejections],
             )
         return added
+
+    @staticmethod
+    def _added_at(db: sqlite3.Connection, ids: list[str], now: float) -> list[str]:
+        """Those of `ids` this transaction inserted: created at exactly `now`, each once."""
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            found.update(
+                request_id
+                for (request_id,) in db.execute(
+                    f"select id from requests where created_at = ? and id in"
+                    f" ({', '.join('?' * len(chunk))})",
+                    (now, *chunk),
+                )
+            )
+        return [request_id for request_id in dict.fromkeys(ids) if request_id in found]
 
     def requeue_interrupted(self, now: float, request_id: str | None = None) -> int:
         """Sends cut short (by a crash, or one request at shutdown) go again, flagged as
@@ -205,81 +253,101 @@ class Spool:
     # -- delivery ----------------------------------------------------------------------
 
     def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
-        """Waiting requests whose time has come, most urgent first, minus those in hand."""
-        rows = self.db.execute(
-            "select id, template, request, created_at, attempts, envelope_from, recipients,"
-            " delivered, refused, data, message_id from requests"
-            " left join messages on messages.request_id = requests.id"
-            " where state in ('queued', 'retry') and next_attempt_at <= ?"
-            " order by priority, next_attempt_at limit ?",
-            (now, limit + len(exclude)),
-        ).fetchall()
-        return [_row(r) for r in rows if r[0] not in exclude][:limit]
+        """Waiting requests whose time has come, most urgent first, minus those in hand.
+
+        One query per waiting state: with `state in (...)` SQLite sorts every waiting row in a
+        temporary B-tree on each call, which made a deep queue cost O(n) per message. Per state
+        it walks the `requests_due` index in order and stops at the limit.
+        """
+        rows = [
+            row
+            for state in ("queued", "retry")
+            for row in self.db.execute(
+                "select id, template, request, created_at, attempts, envelope_from, recipients,"
+                " delivered, refused, data, message_id, priority, next_attempt_at from requests"
+                " left join messages on messages.request_id = requests.id"
+                " where state = ? and next_attempt_at <= ?"
+                " order by priority, next_attempt_at limit ?",
+                (state, now, limit + len(exclude)),
+            )
+            if row[0] not in exclude
+        ]
+        rows.sort(key=lambda r: (r[11], r[12]))
+        return [_row(r) for r in rows[:limit]]
 
     def next_due_at(self) -> float | None:
-        """When the earliest waiting request becomes due, or None when nothing waits."""
-        (when,) = self.db.execute(
-            "select min(next_attempt_at) from requests where state in ('queued', 'retry')"
-        ).fetchone()
+        """When the earliest waiting request becomes due, or None when nothing waits.
+
+        One index lookup per (state, priority): a plain `min()` over both states scanned them.
+        """
+        firsts = " union all ".join(
+            f"select min(next_attempt_at) as at from requests"
+            f" where state = '{state}' and priority = {priority}"
+            for state in ("queued", "retry")
+            for priority in sorted(PRIORITIES.values())
+        )
+        (when,) = self.db.execute(f"select min(at) from ({firsts})").fetchone()
         return float(when) if when is not None else None
 
     def start_attempt(self, row: Row, number: int, now: float) -> None:
-        """Mark the request as in flight before the first byte goes to the server, keeping
-        its rendered bytes (on the first attempt) so every retry sends the same message."""
+        """Mark one request as in flight (see `record`)."""
+        self.record([Start(row, number, now)], [])
+
+    def finish(self, request_id: str, state: str, *, now: float, reply: str, **rest: Any) -> None:
+        """Record one request's outcome (see `record` and `Finish`)."""
+        self.record([], [Finish(request_id, state, now, reply, **rest)])
+
+    def record(self, starts: Sequence[Start], finishes: Sequence[Finish]) -> None:
+        """Delivery bookkeeping of many requests in one transaction (a group commit).
+
+        A start marks the request as in flight before the first byte goes to the server,
+        keeping its rendered bytes (on the first attempt) so every retry sends the same
+        message. A finish records the end of an attempt (or a render failure) and the new
+        state. Starts are written first: a request may start and finish in the same batch.
+        Not fsynced (see `transaction`): at worst a crash sends a message again.
+        """
         with self.transaction(durable=False) as db:
-            db.execute(
+            db.executemany(
                 "update requests set state = 'sending', attempts = ?, recipients = ?,"
                 " updated_at = ? where id = ?",
-                (number, orjson.dumps(row.recipients), now, row.id),
+                [(s.number, orjson.dumps(s.row.recipients), s.at, s.row.id) for s in starts],
             )
-            db.execute(  # a no-op after the first attempt: the message is never re-rendered
+            db.executemany(  # a no-op after the first attempt: the message is never re-rendered
                 "insert or ignore into messages (request_id, message_id, envelope_from, data)"
                 " values (?, ?, ?, ?)",
-                (row.id, row.message_id, row.envelope_from, row.message),
+                [(s.row.id, s.row.message_id, s.row.envelope_from, s.row.message) for s in starts],
             )
-            db.execute(
+            db.executemany(
                 "insert or replace into attempts (request_id, number, started_at) values (?, ?, ?)",
-                (row.id, number, now),
+                [(s.row.id, s.number, s.at) for s in starts],
             )
-
-    def finish(
-        self,
-        request_id: str,
-        state: str,
-        *,
-        now: float,
-        next_attempt_at: float | None = None,
-        reply: str,
-        code: int | None = None,
-        number: int | None = None,
-        recipients: Sequence[str] | None = None,
-        delivered: Sequence[str] = (),
-        refused: dict[str, str] | None = None,
-    ) -> None:
-        """Record the end of an attempt (or a render failure) and the request's new state."""
-        assert state in STATES
-        with self.transaction(durable=False) as db:
-            db.execute(
+            db.executemany(
                 "update requests set state = ?, next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_reply = ?, recipients = coalesce(?, recipients), delivered = ?,"
                 " refused = coalesce(?, refused), updated_at = ? where id = ?",
-                (
-                    state,
-                    next_attempt_at,
-                    reply,
-                    None if recipients is None else orjson.dumps(list(recipients)),
-                    orjson.dumps(list(delivered)),
-                    None if refused is None else orjson.dumps(refused),
-                    now,
-                    request_id,
-                ),
+                [
+                    (
+                        f.state,
+                        f.next_attempt_at,
+                        f.reply,
+                        None if f.recipients is None else orjson.dumps(list(f.recipients)),
+                        orjson.dumps(list(f.delivered)),
+                        None if f.refused is None else orjson.dumps(f.refused),
+                        f.at,
+                        f.request_id,
+                    )
+                    for f in finishes
+                ],
             )
-            if number is not None:
-                db.execute(
-                    "update attempts set finished_at = ?, outcome = ?, code = ?, reply = ?"
-                    " where request_id = ? and number = ?",
-                    (now, state, code, reply, request_id, number),
-                )
+            db.executemany(
+                "update attempts set finished_at = ?, outcome = ?, code = ?, reply = ?"
+                " where request_id = ? and number = ?",
+                [
+                    (f.at, f.state, f.code, f.reply, f.request_id, f.number)
+                    for f in finishes
+                    if f.number is not None
+                ],
+            )
 
     # -- reporting ---------------------------------------------------------------------
 

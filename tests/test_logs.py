@@ -29,7 +29,7 @@ def test_every_event_is_one_line_with_id_template_domain_code_and_attempt(
 ) -> None:
     smtp_server.fail_data(times=1, reply="451 4.3.0 Try again later")
     smtp_server.refuse_recipient("gone@mail.example.org", "550 5.1.1 No such user")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port, log={"level": "DEBUG"}))
     dispatcher.configure(daemon.settings_path)
     sent = dispatcher.enqueue_email("welcome", to="ada@example.com", context=ADA)
     assert dispatcher.flush(10)
@@ -49,7 +49,8 @@ def test_every_event_is_one_line_with_id_template_domain_code_and_attempt(
         (line,) = [line for line in lines if re.search(pattern, line)]
         return line
 
-    assert one(f"INFO .*received {sent} template=welcome domain=example.com$")
+    assert one(f"DEBUG .*received {sent} template=welcome domain=example.com$")
+    assert any(re.search("INFO .*received 1 requests$", line) for line in lines)
     assert one(f"WARNING .*retry {sent} template=welcome domain=example.com attempt=1 code=451 ")
     assert one(f"INFO .*sent {sent} template=welcome domain=example.com attempt=2 code=250 ")
     assert one(f"ERROR .*dead {dead} template=welcome domain=mail.example.org attempt=1 code=550")

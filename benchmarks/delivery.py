@@ -1,0 +1,223 @@
+"""Delivery benchmark: end-to-end mails per second and daemon CPU, beside the SMTP ceiling.
+
+Run from the repository root, in the project's venv with the test extra installed, on a machine
+with Postfix's smtp-sink (`apt-get install postfix`; only /usr/sbin/smtp-sink is used):
+
+    python benchmarks/delivery.py [--mails 5000] [--connections 8]
+        [--slow-mails 3000] [--slow-connections 8,32,128] [--delay 0.05]
+
+1. smtp-sink answering at once: `--mails` templated requests enqueued with `enqueue_email()`
+   and timed until the daemon's spool has them all `sent`, beside the ceiling of that server and
+   client pair in the same run: a plain aiosmtplib client blasting one prebuilt message (the
+   same template, rendered once) over the same number of connections.
+2. The same against an aiosmtpd server that delays each DATA reply by `--delay` seconds, for
+   each of `--slow-connections`, beside that server's own ceiling (the blast over as many
+   connections) and the theoretical `connections / delay`.
+3. Daemon CPU seconds per 1,000 mails (its whole process tree, from the first enqueue to the
+   last `sent`), beside the blasting client's own CPU per 1,000 mails.
+
+Every server is a real process on 127.0.0.1; nothing leaves the machine.
+"""
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dispatcher  # noqa: E402
+from dispatcher import client  # noqa: E402
+from dispatcher.render import Renderer  # noqa: E402
+from dispatcher.spool import Spool  # noqa: E402
+from dispatcher.wire import validate  # noqa: E402
+from tests.daemon import DaemonProcess, write_settings  # noqa: E402
+from tests.smtp_server import free_port  # noqa: E402
+
+CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}
+SMTP_SINK = "/usr/sbin/smtp-sink"
+WAIT_LIMIT = 900.0  # seconds any one run may take before the benchmark gives up
+
+
+@dataclass(frozen=True)
+class Figures:
+    rate: float  # mails per second
+    cpu_per_1000: float  # CPU seconds per 1,000 mails
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Bounded poll until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"no SMTP server came up on port {port} within {timeout} s")
+
+
+@contextmanager
+def server(command: list[str], port: int) -> Iterator[None]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def smtp_sink(port: int) -> list[str]:
+    # -u: the user to run as when started as root; 1000: the listen backlog.
+    return [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "1000"]
+
+
+def slow_server(port: int, delay: float) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks" / "slow_smtp.py"), str(port), str(delay)]
+
+
+def prebuilt_message() -> bytes:
+    renderer = Renderer(ROOT / "templates", "Example <noreply@example.com>")
+    request = validate(
+        {"v": 1, "template": "welcome", "to": "user@example.com", "context": CONTEXT}
+    )
+    return renderer.render(request).data
+
+
+def blast(port: int, message: bytes, total: int, connections: int) -> Figures:
+    """The pair's ceiling: prebuilt bytes over `connections` reused aiosmtplib connections."""
+
+    async def one(n: int) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
+        await smtp.connect()
+        for _ in range(n):
+            await smtp.sendmail("noreply@example.com", ["user@example.com"], message)
+        await smtp.quit()
+
+    async def run() -> None:
+        await asyncio.gather(*(one(total // connections) for _ in range(connections)))
+
+    sent = total // connections * connections
+    cpu, start = time.process_time(), time.perf_counter()
+    asyncio.run(run())
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Figures(sent / elapsed, cpu / sent * 1000)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (a render pool, say)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pending.extend(int(child) for child in children)
+    return total
+
+
+def wait_sent(spool_path: Path, total: int, pid: int) -> None:
+    """Bounded poll until `total` requests are sent; fails loudly if some went elsewhere."""
+    deadline = time.monotonic() + WAIT_LIMIT
+    with Spool.reader(spool_path) as spool:
+        while True:
+            counts = spool.counts()
+            if counts["sent"] >= total:
+                return
+            if counts["dead"] or counts["rejected"] or time.monotonic() > deadline:
+                raise SystemExit(f"daemon {pid}: {counts} after {WAIT_LIMIT} s or with failures")
+            time.sleep(0.01)
+
+
+def end_to_end(folder: Path, port: int, mails: int, connections: int) -> Figures:
+    """Enqueue `mails` templated requests and time them until all are sent."""
+    settings = write_settings(folder, port, smtp={"connections": connections, "timeout": 60})
+    daemon = DaemonProcess(settings)
+    try:
+        dispatcher.configure(settings)
+        cpu, start = tree_cpu_seconds(daemon.process.pid), time.perf_counter()
+        for i in range(mails):
+            dispatcher.enqueue_email("welcome", to=f"user{i}@example.com", context=CONTEXT)
+        wait_sent(daemon.settings.spool.path, mails, daemon.process.pid)
+        elapsed = time.perf_counter() - start
+        cpu = tree_cpu_seconds(daemon.process.pid) - cpu
+    finally:
+        client._state.close()
+        daemon.stop()
+    return Figures(mails / elapsed, cpu / mails * 1000)
+
+
+def row(label: str, figures: Figures, ceiling: Figures | None = None) -> str:
+    share = f"{figures.rate / ceiling.rate:6.0%}" if ceiling else "     -"
+    return f"  {label:<46}{figures.rate:8.0f}/s {share}   {figures.cpu_per_1000:6.3f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mails", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--slow-mails", type=int, default=3000)
+    parser.add_argument("--slow-connections", default="8,32,128")
+    parser.add_argument("--delay", type=float, default=0.05)
+    parser.add_argument("--skip-slow", action="store_true", help="only the smtp-sink run")
+    args = parser.parse_args()
+    if not shutil.which(SMTP_SINK):
+        raise SystemExit(f"{SMTP_SINK} not found: apt-get install postfix (only smtp-sink is used)")
+    message = prebuilt_message()
+    header = f"  {'':<46}{'mails/s':>10} {'share':>6}   CPU/1,000 mails"
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        print(
+            f"\n{args.mails:,} mails, {args.connections} connections, smtp-sink answering at once"
+        )
+        print(header)
+        with server(smtp_sink(port), port):
+            ceiling = blast(port, message, args.mails, args.connections)
+            print(row("ceiling: aiosmtplib blasting prebuilt bytes", ceiling), flush=True)
+            folder = Path(tmp, "sink")
+            folder.mkdir()
+            figures = end_to_end(folder, port, args.mails, args.connections)
+            print(row("dispatcher: enqueue -> sent", figures, ceiling), flush=True)
+        if args.skip_slow:
+            return
+        for connections in (int(n) for n in args.slow_connections.split(",")):
+            port = free_port()
+            ideal = connections / args.delay
+            print(
+                f"\n{args.slow_mails:,} mails, {connections} connections, aiosmtpd answering"
+                f" DATA after {args.delay * 1000:g} ms (connections / delay = {ideal:.0f}/s)"
+            )
+            print(header)
+            with server(slow_server(port, args.delay), port):
+                ceiling = blast(port, message, args.slow_mails, connections)
+                print(row("ceiling: aiosmtplib blasting prebuilt bytes", ceiling), flush=True)
+                folder = Path(tmp, f"slow{connections}")
+                folder.mkdir()
+                figures = end_to_end(folder, port, args.slow_mails, connections)
+                print(row("dispatcher: enqueue -> sent", figures, ceiling), flush=True)
+                print(f"  {'share of connections / delay':<46}{figures.rate / ideal:18.0%}")
+    print(
+        f"\n(share: of the ceiling measured just before in the same run; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs)"
+    )
+
+
+if __name__ == "__main__":
+    main()

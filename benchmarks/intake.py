@@ -1,0 +1,145 @@
+"""Intake benchmark: requests per second committed to the spool, and memory with a deep queue.
+
+Run from the repository root, in the project's venv with the test extra installed:
+
+    python benchmarks/intake.py [--requests 100000]
+
+1. Intake: `--requests` frames (each naming its client, so receipts are published too) pushed
+   by a separate process as fast as ZeroMQ takes them, timed until the daemon's spool holds
+   them all, beside the ceiling of the storage itself measured in the same run: the same rows
+   inserted into a fresh spool file by `Spool.add` in batches of 1,000, `synchronous=FULL`,
+   with no sockets and no validation.
+2. The daemon's peak RSS (VmHWM) once all `--requests` are queued, beside its RSS right after
+   start. Its SMTP server answers each DATA after 50 ms over 8 connections, so the queue stays
+   deep while it is measured.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from delivery import free_port, server, slow_server  # noqa: E402
+
+from dispatcher import wire  # noqa: E402
+from dispatcher.spool import Spool, now  # noqa: E402
+from tests.daemon import DaemonProcess, write_settings  # noqa: E402
+
+CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}
+WAIT_LIMIT = 600.0
+# The flooding process: prebuilt frames, sent as fast as the socket takes them (blocking when
+# the daemon's queue is full, so nothing is dropped and nothing goes to the overflow folder).
+PUSHER = """
+import sys, orjson, zmq
+endpoint, total = sys.argv[1], int(sys.argv[2])
+base = {"v": 1, "client": "bench", "template": "welcome", "to": "user@example.com",
+        "context": orjson.loads(sys.argv[3])}
+frames = [orjson.dumps({**base, "id": f"r{i}", "to": f"user{i}@example.com"})
+          for i in range(total)]
+push = zmq.Context().socket(zmq.PUSH)
+push.setsockopt(zmq.SNDHWM, 100_000)
+push.connect(endpoint)
+for frame in frames:
+    push.send(frame)
+push.close(linger=-1)
+"""
+
+
+def frame(i: int) -> bytes:
+    fields = {"v": 1, "id": f"r{i}", "client": "bench", "template": "welcome"}
+    return wire.encode({**fields, "to": f"user{i}@example.com", "context": CONTEXT})
+
+
+def storage_ceiling(folder: Path, total: int) -> float:
+    """Rows per second `Spool.add` commits with nothing else to do."""
+    requests = [wire.decode(frame(i)) for i in range(total)]
+    rows = [(r, frame(i)) for i, r in enumerate(requests)]
+    with Spool(folder / "ceiling.sqlite3") as spool:
+        start = time.perf_counter()
+        for first in range(0, total, 1000):
+            spool.add(rows[first : first + 1000], [], now())
+        return total / (time.perf_counter() - start)
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise SystemExit(f"no {field} for process {pid}")
+
+
+def wait_stored(daemon: DaemonProcess, total: int) -> None:
+    """Bounded poll until the spool holds `total` requests, whatever their state."""
+    deadline = time.monotonic() + WAIT_LIMIT
+    with Spool.reader(daemon.settings.spool.path) as spool:
+        while True:
+            counts = spool.counts()
+            if sum(counts.values()) - counts["rejected"] >= total:
+                return
+            if counts["rejected"] or time.monotonic() > deadline:
+                raise SystemExit(f"spool counts {counts}: rejected frames, or too slow")
+            time.sleep(0.005)
+
+
+def flood(folder: Path, total: int) -> tuple[float, int, int]:
+    """Push `total` frames at a daemon; its committed rate, start RSS and peak RSS (KiB)."""
+    port = free_port()
+    with server(slow_server(port, 0.05), port):
+        settings = write_settings(folder, port, smtp={"connections": 8, "timeout": 60})
+        daemon = DaemonProcess(settings)
+        try:
+            pid = daemon.process.pid
+            idle = memory_kib(pid, "VmRSS")
+            pusher = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    PUSHER,
+                    daemon.settings.intake.bind,
+                    str(total),
+                    wire.encode(CONTEXT).decode(),
+                ],
+                stdout=subprocess.PIPE,
+            )
+            # The pusher builds its frames first; timing starts at its first send, which we
+            # see as the first row in the spool.
+            wait_stored(daemon, 1)
+            start = time.perf_counter()
+            wait_stored(daemon, total)
+            rate = (total - 1) / (time.perf_counter() - start)
+            pusher.wait(60)
+            peak = memory_kib(pid, "VmHWM")
+        finally:
+            daemon.stop()
+    return rate, idle, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ceiling = storage_ceiling(Path(tmp), args.requests)
+        daemon_folder = Path(tmp, "daemon")
+        daemon_folder.mkdir()
+        rate, idle, peak = flood(daemon_folder, args.requests)
+    print(f"\n{args.requests:,} requests flooded into one daemon")
+    print(f"  {'ceiling: Spool.add alone, batches of 1,000':<48}{ceiling:10,.0f} requests/s")
+    print(
+        f"  {'daemon: socket -> committed to the spool':<48}{rate:10,.0f} requests/s"
+        f"  ({rate / ceiling:.0%} of the ceiling)"
+    )
+    print(f"  {'daemon RSS right after start':<48}{idle / 1024:10.1f} MiB")
+    print(f"  {f'daemon peak RSS with {args.requests:,} queued':<48}{peak / 1024:10.1f} MiB")
+    print(f"\n(python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Rendering in worker processes: same messages, no lost request when a worker dies, no orphan."""
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import dispatcher
+from dispatcher import client
+from tests.daemon import DaemonProcess, write_settings
+from tests.smtp_server import SmtpServer
+
+StartDaemon = Callable[..., DaemonProcess]
+ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_client() -> Iterator[None]:
+    yield
+    client._state.close()
+
+
+def children(pid: int) -> list[int]:
+    """The daemon's render workers (not multiprocessing's resource tracker)."""
+    try:
+        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [c for c in found if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Bounded poll."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def send_one(daemon: DaemonProcess, to: str = "ada@example.com") -> str:
+    dispatcher.configure(daemon.settings_path)
+    request_id = dispatcher.enqueue_email("welcome", to=to, context=ADA)
+    assert dispatcher.flush(10)
+    return request_id
+
+
+@pytest.mark.parametrize("processes", [0, 1, 2])
+def test_messages_are_the_same_whether_rendered_on_the_loop_or_in_workers(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon, processes: int
+) -> None:
+    settings = write_settings(tmp_path, smtp_server.port, templates={"render_processes": processes})
+    daemon = start_daemon(settings)
+    request_id = send_one(daemon)
+    [message] = smtp_server.wait_for(1)
+    assert request_id in message.message["Message-ID"]
+    assert message.message["Subject"]
+    workers = len(children(daemon.process.pid))  # started as batches need them
+    assert workers == 0 if processes == 0 else 1 <= workers <= processes
+
+
+def test_a_killed_render_worker_is_replaced_and_nothing_is_lost(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    send_one(daemon)
+    smtp_server.wait_for(1)
+    [worker] = children(daemon.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not alive(worker))
+    send_one(daemon, "grace@example.com")
+    daemon.wait_for_counts(sent=2, dead=0, timeout=30)
+    assert worker not in children(daemon.process.pid)
+
+
+def test_render_workers_end_when_the_daemon_is_killed(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    send_one(daemon)
+    smtp_server.wait_for(1)
+    [worker] = children(daemon.process.pid)
+    daemon.kill()
+    wait_until(lambda: not alive(worker))
