@@ -6,14 +6,17 @@ recipient, and `deliver()` must never raise for any of them.
 """
 
 import asyncio
+import email.utils
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import make_msgid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatcher.settings import SmtpSettings
-from dispatcher.transport import Attempt, SmtpConnection
+from dispatcher.transport import _PLAIN_ADDRESS, Attempt, SmtpConnection
 from tests.smtp_server import SmtpServer, free_port
 
 SENDER = "noreply@example.com"
@@ -302,3 +305,10 @@ def test_login_failure_is_deferred_and_never_shows_the_password(
 def test_wait_for_says_how_many_arrived_when_it_gives_up(smtp_server: SmtpServer) -> None:
     with pytest.raises(AssertionError, match=r"expected 1 message\(s\) within 0.05 s, 0 arrived"):
         smtp_server.wait_for(1, timeout=0.05)
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(st.from_regex(_PLAIN_ADDRESS, fullmatch=True))
+def test_the_plain_address_shortcut_agrees_with_parseaddr(address: str) -> None:
+    """Whatever the fast pattern calls plain, parseaddr returns unchanged."""
+    assert email.utils.parseaddr(address)[1] == address
