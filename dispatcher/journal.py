@@ -1,66 +1,60 @@
-"""Group commit of delivery bookkeeping: one spool transaction per turn of the event loop.
+"""Group commit of delivery bookkeeping: few spool transactions for many messages.
 
 Every attempt writes twice: its start before the first byte goes to the server (so a crash
-mid-send is known and the message goes again with the same bytes) and its outcome. With one
-transaction each, 128 connections cost 256 commits per round of sends. Here all the starts and
-outcomes of the workers that ran in one turn of the loop share a transaction: a worker awaits
-its start's commit before sending; an outcome is committed on the next turn without waiting
-(lost in a crash, it leaves the request `sending`, which the next start re-sends as a possible
-duplicate: the same as a crash mid-send).
+mid-send is known and the message goes again with the same bytes) and its outcome. One
+transaction each cost 17% of the daemon's busy time at 1,200 mails/s. So the feeder commits the
+starts of a whole batch at once before handing it to the workers, and outcomes are committed
+together every FINISH_DELAY seconds (or FINISH_BATCH outcomes). An outcome lost in a crash
+leaves its request `sending`, which the next start sends again, flagged as a possible
+duplicate: the same as a crash in mid-send, for at most FINISH_DELAY seconds of outcomes.
 """
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from dispatcher.spool import Finish, Spool, Start
 
 log = logging.getLogger(__name__)
 
+FINISH_DELAY = 0.01  # seconds an outcome may wait for the transaction it shares
+FINISH_BATCH = 256  # outcomes that make the transaction happen at once
+
 
 class Journal:
-    """Collects starts and finishes; commits them together on the next turn of the loop."""
+    """Starts committed before they return; outcomes committed soon after, together."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.starts: list[Start] = []
         self.finishes: list[Finish] = []
-        self.committed: asyncio.Future[None] | None = None  # the commit being waited for
+        self.timer: asyncio.TimerHandle | None = None
 
-    async def start(self, start: Start) -> None:
-        """Record an attempt's start; returns once it is committed (raises if that failed)."""
-        self.starts.append(start)
-        await asyncio.shield(self._commit_soon())
+    def start(self, starts: Sequence[Start]) -> None:
+        """Record attempts' starts, with the outcomes waiting so far, in one transaction."""
+        self._commit(starts)
 
     def finish(self, finish: Finish) -> None:
-        """Record an outcome; committed on the next turn of the loop."""
+        """Record an outcome; committed within FINISH_DELAY seconds."""
         self.finishes.append(finish)
-        self._commit_soon()
+        if len(self.finishes) >= FINISH_BATCH:
+            self._commit(())
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(FINISH_DELAY, self.flush)
 
     def flush(self) -> None:
-        """Commit what is pending now: at shutdown, before the spool closes."""
-        if self.committed is not None:
-            self._commit()
+        """Commit the outcomes waiting now: on the timer, and at shutdown."""
+        self._commit(())
 
-    def _commit_soon(self) -> asyncio.Future[None]:
-        if self.committed is None:
-            loop = asyncio.get_running_loop()
-            self.committed = loop.create_future()
-            loop.call_soon(self._commit)
-        return self.committed
-
-    def _commit(self) -> None:
-        committed, self.committed = self.committed, None
-        starts, self.starts = self.starts, []
+    def _commit(self, starts: Sequence[Start]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         finishes, self.finishes = self.finishes, []
-        if committed is None:
+        if not (starts or finishes):
             return
         try:
             self.spool.record(starts, finishes)
-        except Exception as exc:  # disk full, say: the waiting workers see it; log the rest
+        except Exception as exc:  # disk full, say: those requests stay `sending` and go again
             log.error("cannot record %d delivery outcomes in the spool: %s", len(finishes), exc)
             if starts:
-                committed.set_exception(exc)
-            else:
-                committed.cancel()  # nobody waits for it: no "exception never retrieved"
-            return
-        committed.set_result(None)
+                raise

@@ -284,12 +284,19 @@ class Daemon:
             rows = self.spool.due(now(), self.settings.smtp.connections, self.in_hand)
             self.in_hand.update(row.id for row in rows)
             waiting = {row.id for row in rows}  # in hand, not yet with a worker
+            started: dict[str, Start] = {}
             try:
-                for row in await self.prepare(rows):
+                ready = await self.prepare(rows)
+                at = now()
+                started = {row.id: Start(row, row.attempts + 1, at) for row in ready}
+                self.journal.start(list(started.values()))  # one transaction for the batch
+                for row in ready:
                     await self.queue.put(row)
                     waiting.discard(row.id)
-            except BaseException:  # cancelled at shutdown: these stay in the spool, untouched
+                    del started[row.id]
+            except BaseException:  # cancelled at shutdown: these wait in the spool as before
                 self.in_hand.difference_update(waiting)
+                self.spool.release(list(started.values()))
                 raise
             if rows:
                 continue
@@ -322,8 +329,7 @@ class Daemon:
 
     async def deliver(self, connection: SmtpConnection, row: Row) -> None:
         assert row.message is not None and row.recipients is not None and row.envelope_from
-        number = row.attempts + 1
-        await self.journal.start(Start(row, number, now()))
+        number = row.attempts + 1  # its start was committed by the feeder
         try:
             started = time.monotonic()
             attempt = await connection.deliver(row.envelope_from, row.recipients, row.message)
@@ -473,8 +479,12 @@ class Daemon:
     async def stop_workers(self, workers: list[asyncio.Task[None]]) -> None:
         """Let sends in flight finish (bounded), abandon the rest safely."""
         busy = len(self.in_hand) - self.queue.qsize()
-        while not self.queue.empty():  # handed over but not started: still waiting in the spool
-            self.in_hand.discard(self.queue.get_nowait().id)
+        unsent = []
+        while not self.queue.empty():  # handed over but not sent: they wait in the spool again
+            row = self.queue.get_nowait()
+            self.in_hand.discard(row.id)
+            unsent.append(Start(row, row.attempts + 1, now()))
+        self.spool.release(unsent)
         if busy > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_GRACE):

@@ -349,6 +349,19 @@ class Spool:
                 ],
             )
 
+    def release(self, starts: Sequence[Start]) -> None:
+        """Undo starts whose send never began (a shutdown): the requests wait as before."""
+        with self.transaction(durable=False) as db:
+            db.executemany(
+                "update requests set state = case when ? = 1 then 'queued' else 'retry' end,"
+                " attempts = ? where id = ? and state = 'sending'",
+                [(s.number, s.number - 1, s.row.id) for s in starts],
+            )
+            db.executemany(
+                "delete from attempts where request_id = ? and number = ? and finished_at is null",
+                [(s.row.id, s.number) for s in starts],
+            )
+
     # -- reporting ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

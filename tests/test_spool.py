@@ -10,7 +10,7 @@ import pytest
 
 from dispatcher import wire
 from dispatcher.errors import StartupError
-from dispatcher.spool import Spool
+from dispatcher.spool import Spool, Start
 
 
 def request(request_id: str, **fields: object) -> tuple[wire.Request, bytes]:
@@ -77,6 +77,23 @@ def test_a_send_in_flight_at_a_crash_goes_again_flagged_duplicate(tmp_path: Path
         assert (again.message, again.message_id, again.attempts) == (b"bytes", "<a@example.com>", 1)
         (flag,) = spool.db.execute("select maybe_duplicate from requests").fetchone()
         assert flag == 1
+
+
+def test_a_start_released_at_shutdown_leaves_the_request_waiting_as_before(
+    tmp_path: Path,
+) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        spool.add([request("a")], [], 1.0)
+        (row,) = spool.due(2.0, 1, set())
+        row = replace(row, envelope_from="n@example.com", recipients=["a@example.com"])
+        row = replace(row, message=b"bytes", message_id="<a@example.com>")
+        spool.record([Start(row, 1, 3.0)], [])
+        assert spool.due(4.0, 1, set()) == []  # sending: in a worker's hands
+        spool.release([Start(row, 1, 3.0)])
+        (again,) = spool.due(4.0, 1, set())
+        assert (again.attempts, again.message) == (0, b"bytes")  # rendered bytes are kept
+        assert spool.inspect("a")["attempt_log"] == []  # type: ignore[index]
+        assert spool.counts()["queued"] == 1
 
 
 def test_an_unopenable_spool_is_a_startup_error(tmp_path: Path) -> None:
