@@ -101,10 +101,11 @@ def enqueue_email(
     fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "client": handoff.client_id,
                               "template": template, "to": _wire_value(to)}  # fmt: skip
     if context is not None:
-        fields["context"] = _wire_value(context)
+        fields["context"] = context if isinstance(context, dict) else _wire_value(context)
     if (
-        cc or bcc or reply_to or sender or headers or attachments or send_at or idempotency_key
-        or locale or priority != "normal"
+        cc is not None or bcc is not None or reply_to is not None or sender is not None
+        or headers is not None or attachments is not None or send_at is not None
+        or idempotency_key is not None or locale is not None or priority != "normal"
     ):  # fmt: skip
         fields.update(
             _options(cc=cc, bcc=bcc, reply_to=reply_to, sender=sender, headers=headers,

@@ -207,9 +207,8 @@ def validate(fields: object) -> Request:
     """Check every field of a decoded request and build the `Request` the daemon works with."""
     if not isinstance(fields, dict):
         raise InvalidRequest(f"expected a JSON object, got {type(fields).__name__}")
-    unknown = sorted(set(fields) - FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}")
+    if not FIELDS.issuperset(fields):
+        raise InvalidRequest(f"unknown field {sorted(set(fields) - FIELDS)[0]!r}")
     if fields.get("v") != VERSION:
         raise InvalidRequest(f"v: unsupported protocol version {fields.get('v')!r}, expected 1")
     _check_recipient_count(fields)
