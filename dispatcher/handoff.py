@@ -284,7 +284,12 @@ class Handoff:
         self._spill(spill)
 
     def _hand_over_spilled(self) -> None:
-        """Hand spilled requests over again once a daemon is reachable, one file at a time."""
+        """Hand spilled requests over again once a daemon is reachable, one file at a time.
+
+        Only once receipts can reach us: a file's requests sent before would wait out
+        `ack_timeout` for receipts lost on the way, and the file its lease of OVERFLOW_LEASE."""
+        if not self.listening.is_set():
+            return
         with self.lock:
             if self.sources or not self.push.poll(0, zmq.POLLOUT):
                 return
