@@ -89,6 +89,7 @@ class Handoff:
         self.unsent: dict[str, Pending] = {}
         self.spilling = 0  # frames being written by a thread right now
         self.spilled = 0  # frames spilled since the last flush()
+        self.resent = 0  # frames sent a second time for want of a receipt (ever)
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
@@ -110,6 +111,8 @@ class Handoff:
         """Subscribed to this client's receipts; connected once its monitor is in place."""
         receipts = self.context.socket(zmq.SUB)
         receipts.setsockopt(zmq.LINGER, 0)
+        # Receipts wait here between the keeper's batches; one dropped means a needless re-send.
+        receipts.setsockopt(zmq.RCVHWM, SEND_HWM)
         receipts.setsockopt(zmq.SUBSCRIBE, self.client_id.encode() + b" ")
         self._secure(receipts)
         return receipts
@@ -260,6 +263,7 @@ class Handoff:
                 if entry.source is not None:  # durable already: its file will be retried
                     self.sources.pop(entry.source, None)
                 elif entry.sends < 2 and self._send(entry.frame):
+                    self.resent += 1
                     self.pending[request_id] = Pending(entry.frame, now, entry.sends + 1)
                 else:
                     expired_frames.append(entry.frame)
