@@ -2,7 +2,8 @@
 
 Never route with `email.utils.parseaddr`: it returns the first plausible address of a hostile
 string (`alice@x)<bob@y>` gives alice). We accept exactly two shapes, a bare address or one
-`Name <address>`, and validate the address part with email-validator.
+`Name <address>`. The daemon validates the address part with email-validator (`parse_address`);
+the client only checks the shape (`check_address`), which costs ~0.6 µs instead of ~3-30 µs.
 """
 
 import functools
@@ -12,12 +13,22 @@ from dataclasses import dataclass
 from dispatcher.errors import InvalidRequest
 
 _NAME_AND_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
-# C0 controls, DEL and C1 controls: nothing a header value may carry.
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')
+# C0 controls, DEL and C1 controls: nothing a header value may carry. Plus U+2028/U+2029,
+# which str.splitlines() (and so the email package) treats as line breaks.
+_CONTROLS = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+# The shape the client checks: a dot-atom local part, dot-separated labels of letters and digits
+# (any script) with inner hyphens, and either nothing around it or a display name that is quoted
+# or free of specials, and no control character. `=?` and the length are checked after.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # RFC 5322 dot-atom: what email-validator accepts as an ASCII local part without quotes.
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-# Plus U+2028/U+2029, which str.splitlines() (and so the email package) treats as line breaks.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_DOT_ATOM = re.compile(rf"^{_ATOM}(\.{_ATOM})*$")
+_LABEL = r"[^\W_]+(?:-+[^\W_]+)*"
+_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
+_SPACE = rf"[^\S{_CONTROLS}]*"
+_NAME = rf'"[^"\\{_CONTROLS}]*"|[^()<>\[\]:;@\\,"{_CONTROLS}]*?'
+_SHAPE = re.compile(rf"{_SPACE}(?:({_ADDR_SPEC})|(?:{_NAME}){_SPACE}<({_ADDR_SPEC})>){_SPACE}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,26 @@ def check_header_text(value: str, what: str) -> None:
         raise InvalidRequest(f"{what}: encoded words ('=?') are not allowed")
 
 
+def check_address(text: object, what: str) -> None:
+    """Check the shape of one address, as the client does before handing a request over.
+
+    It refuses what could forge a header or a recipient (controls, `=?`, a second address,
+    unquoted specials in a name) and what is plainly not an address. What it leaves to the
+    daemon's `parse_address`: email-validator's checks of the domain (IDNA, label and total
+    lengths, reserved names such as `localhost`) and its normalisation.
+    """
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{what}: expected an address string, got {type(text).__name__}")
+    match = _SHAPE.fullmatch(text)
+    if match is None or "=?" in text:
+        check_header_text(text, what)  # the precise reason, when it is one of these
+        raise InvalidRequest(
+            f"{what}: {text!r} is not a valid address (name@example.com or Name <name@example.com>)"
+        )
+    if len(match[1] or match[2]) > 254:
+        raise InvalidRequest(f"{what}: {text!r} is not a valid address: too long")
+
+
 def parse_address(text: object, what: str) -> Address:
     """Parse and validate one address; `what` names the field in the error message."""
     if not isinstance(text, str):
@@ -69,14 +100,16 @@ def parse_address(text: object, what: str) -> Address:
 
 
 def _validate_addr_spec(addr: str, what: str) -> str:
+    local, at, domain = addr.rpartition("@")
+    if at and len(local) <= 64 and len(addr) <= 254 and _DOT_ATOM.match(local):
+        valid_domain = _validated_domain(domain)
+        if valid_domain is not None:
+            return f"{local}@{valid_domain}"
     # Imported here: email-validator costs ~25 ms to import, and `import dispatcher` must stay
     # light for web apps that import it at boot.
     from email_validator import EmailNotValidError, validate_email
 
-    local, at, domain = addr.rpartition("@")
     try:
-        if at and len(local) <= 64 and len(addr) <= 254 and _DOT_ATOM.match(local):
-            return f"{local}@{_validated_domain(domain)}"
         # No SMTPUTF8 local parts: the stdlib cannot write them into headers, and many relays
         # refuse them; better a clear error at enqueue than a dead request later.
         valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
@@ -86,12 +119,16 @@ def _validate_addr_spec(addr: str, what: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _validated_domain(domain: str) -> str:
-    """A domain checked (IDNA, length, labels) and normalised by email-validator, once.
+def _validated_domain(domain: str) -> str | None:
+    """A domain checked (IDNA, length, labels) and normalised by email-validator, once;
+    None when it is invalid (the full check then says why).
 
     Domains repeat far more than addresses do, and the domain check is two thirds of
     email-validator's ~30 µs; a plain ASCII local part needs only the dot-atom pattern.
     """
-    from email_validator import validate_email
+    from email_validator import EmailNotValidError, validate_email
 
-    return str(validate_email(f"x@{domain}", check_deliverability=False).domain)
+    try:
+        return str(validate_email(f"x@{domain}", check_deliverability=False).domain)
+    except EmailNotValidError:
+        return None

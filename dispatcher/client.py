@@ -93,37 +93,39 @@ def enqueue_email(
 
     Raises `InvalidRequest` (a `ValueError`) for input that could never be sent. Never blocks
     on the daemon and never raises because it is down: the request is kept until a daemon
-    acknowledges it, or written to `client.overflow_dir`.
+    acknowledges it, or written to `client.overflow_dir`. Addresses are checked by shape here
+    and fully (email-validator) by the daemon, which records a failure as rejected.
     """
-    handoff = _state.get()
-    request_id, frame = build_frame(
-        template, client=handoff.client_id, to=to, context=context, cc=cc, bcc=bcc,
-        reply_to=reply_to, sender=sender,
-        headers=headers, attachments=attachments, send_at=send_at, priority=priority,
-        idempotency_key=idempotency_key, locale=locale,
-    )  # fmt: skip
-    handoff.submit(request_id, frame)
+    handoff = _state.client or _state.get()
+    request_id = handoff.new_id()
+    fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "client": handoff.client_id,
+                              "template": template, "to": _wire_value(to)}  # fmt: skip
+    if context is not None:
+        fields["context"] = context if isinstance(context, dict) else _wire_value(context)
+    if (
+        cc is not None or bcc is not None or reply_to is not None or sender is not None
+        or headers is not None or attachments is not None or send_at is not None
+        or idempotency_key is not None or locale is not None or priority != "normal"
+    ):  # fmt: skip
+        fields.update(
+            _options(cc=cc, bcc=bcc, reply_to=reply_to, sender=sender, headers=headers,
+                     attachments=attachments, send_at=send_at, priority=priority,
+                     idempotency_key=idempotency_key, locale=locale)
+        )  # fmt: skip
+    handoff.submit(request_id, wire.encode_checked(fields))
     return request_id
 
 
-def build_frame(template: str, /, **options: Any) -> tuple[str, bytes]:
-    """Validate a request given as `enqueue_email()` arguments; returns its new id and frame."""
+def build_frame(
+    template: str, /, *, client: str | None = None, **options: Any
+) -> tuple[str, bytes]:
+    """Check a request given as `enqueue_email()` arguments; returns its new id and frame."""
     request_id = wire.new_id()
     fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "template": template}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name == "attachments":
-            value = [_attachment(a) for a in value]
-        elif name == "send_at":
-            value = _send_at(value)
-        elif isinstance(value, Mapping):
-            value = dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        fields[name] = value
-    wire.validate(fields)
-    return request_id, wire.encode(fields)
+    if client is not None:
+        fields["client"] = client
+    fields.update(_options(**options))
+    return request_id, wire.encode_checked(fields)
 
 
 def flush(timeout: float = 5.0) -> bool:
@@ -133,6 +135,31 @@ def flush(timeout: float = 5.0) -> bool:
     unacknowledged at `timeout` is spilled before returning, so it is durable either way.
     """
     return _state.get().flush(timeout)
+
+
+def _options(**options: Any) -> dict[str, Any]:
+    """The given options in wire form (files in base64, times as ISO 8601)."""
+    fields = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "attachments":
+            value = [_attachment(a) for a in value]
+        elif name == "send_at":
+            value = _send_at(value)
+        fields[name] = _wire_value(value)
+    return fields
+
+
+def _wire_value(value: Any) -> Any:
+    """What orjson encodes as JSON: a mapping as a dict, a tuple of addresses as a list."""
+    if isinstance(value, (str, dict, list)):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _attachment(item: AttachmentInput) -> dict[str, str]:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +19,10 @@ import zmq
 import dispatcher
 from dispatcher import client, overflow, wire
 from dispatcher.errors import InvalidRequest, RequestTooLarge
+from tests.daemon import DaemonProcess, write_settings
+from tests.smtp_server import SmtpServer
+
+StartDaemon = Callable[[Path], DaemonProcess]
 
 
 class FakeDaemon:
@@ -210,8 +214,11 @@ def test_forked_child_uses_its_own_socket(daemon: FakeDaemon) -> None:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    received = {str(f["to"]) for f in daemon.wait_for(2)}
-    assert received == {"parent@example.com", "child@example.com"}
+    frames = daemon.wait_for(2)
+    assert {str(f["to"]) for f in frames} == {"parent@example.com", "child@example.com"}
+    # Ids are the client id and a count: the child's client id is its own, so are its ids.
+    assert len({f["client"] for f in frames}) == 2
+    assert all(wire.REQUEST_ID.match(f["id"]) and f["id"].startswith(f["client"]) for f in frames)
     assert parent_id and dispatcher.flush(5.0)
 
 
@@ -256,3 +263,20 @@ def test_a_wrong_receipts_address_is_reported_and_nothing_is_lost(
     finally:
         client._state.close()
         fake.close()
+
+
+def test_an_address_only_email_validator_refuses_is_rejected_by_the_daemon_not_lost(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    """The client checks an address's shape only; the daemon's full check records the rest as
+    rejected, with the reason, and still acknowledges it so the client does not resend it."""
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    dispatcher.configure(daemon.settings_path)
+    try:
+        label = "x" * 64  # a DNS label is at most 63 characters: not a shape the client checks
+        dispatcher.enqueue_email("welcome", to=f"ada@{label}.com", context={})
+        assert dispatcher.flush(10.0) is True  # acknowledged: not re-sent, not spilled
+    finally:
+        client._state.close()
+    daemon.wait_for_counts(rejected=1)
+    daemon.wait_for_log(f"rejected: to[0]: 'ada@{label}.com' is not a valid address")

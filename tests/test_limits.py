@@ -1,10 +1,12 @@
 """Limits: an over-limit request is refused at enqueue with the limit named; at the limit it passes.
 
-The daemon applies the same `wire.validate()` to foreign frames (see test_injection.py, which
+The client (`wire.encode_checked()`) and the daemon (`wire.validate()`) check the same limits; the
+daemon applies them to foreign frames too (see test_injection.py, which
 pushes over-limit frames at a live daemon).
 """
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -57,13 +59,17 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("check", [wire.validate, wire.encode_checked], ids=["daemon", "client"])
 @pytest.mark.parametrize(("at_limit", "over_limit", "error"), CASES)
 def test_over_limit_is_refused_naming_the_limit_and_the_limit_itself_passes(
-    at_limit: dict[str, Any], over_limit: dict[str, Any], error: str
+    check: Callable[[dict[str, Any]], object],
+    at_limit: dict[str, Any],
+    over_limit: dict[str, Any],
+    error: str,
 ) -> None:
-    wire.validate({"v": 1, "template": "welcome", **at_limit})
+    check({"v": 1, "template": "welcome", **at_limit})
     with pytest.raises(ValueError, match=error.replace("[", r"\[").replace("]", r"\]")):
-        wire.validate({"v": 1, "template": "welcome", **over_limit})
+        check({"v": 1, "template": "welcome", **over_limit})
 
 
 NAMES = ["../welcome", "welcome/../x", "_layouts", ".hidden", "a b", "/etc/passwd", "x" * 65,

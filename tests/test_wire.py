@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from dispatcher import wire
-from dispatcher.address import parse_address
+from dispatcher.address import check_address, parse_address
 from dispatcher.errors import InvalidRequest, RequestTooLarge
 
 
@@ -146,3 +146,16 @@ def test_the_cached_domain_path_agrees_with_email_validator(text: str) -> None:
     except InvalidRequest:
         got = None
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    "text", [*ADDRESS_CORPUS, "Ada <ada@example.com>", '"Doe, John" <j@x.org>']
+)
+def test_the_clients_shape_check_accepts_every_address_the_daemon_accepts(text: str) -> None:
+    """The client may pass what the daemon then rejects (recorded, with the reason), but it
+    must never refuse a request the daemon would have sent."""
+    try:
+        parse_address(text, "to")
+    except InvalidRequest:
+        return
+    check_address(text, "to")
