@@ -39,6 +39,7 @@ _PARAM_CHUNK = 60  # characters of an RFC 2231 parameter value per continuation 
 
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext, at most what wire allows
 _LITERAL_WORD = re.compile(r"[!-~]+")  # printable ASCII: written as it is
+_PRINTABLE = re.compile(r"[ -~]*")  # the same with spaces
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _ADDR_SPEC = re.compile(r"[!-;=?-~]+@[!-;=?-~]+")  # ASCII, no space, '<' or '>'
 _TOKEN = re.compile(r"[!#$%&'*+.0-9A-Z^_`a-z|~-]+")  # RFC 2045 token, for MIME types
@@ -74,6 +75,8 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
     List-Unsubscribe URL or a message id must not be encoded.
     """
     _refuse_line_breaks(name, value)
+    if len(name) + 2 + len(value) <= MAX_LINE and _PRINTABLE.fullmatch(value) and "=?" not in value:
+        return _fold(name, [value])  # the common case: one short ASCII line
     longest = MAX_LINE - 1 if encode_long_words else MAX_HARD_LINE - len(name) - 3
     words = value.split(" ")
     literal = [
@@ -101,10 +104,9 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
 def literal_field(name: str, value: str) -> Field:
     """A structured field we write ourselves (Date, Message-ID, MIME-Version): ASCII only."""
     _refuse_line_breaks(name, value)
-    words = value.split(" ")
-    if not all(_LITERAL_WORD.fullmatch(word) for word in words if word):
+    if not _PRINTABLE.fullmatch(value):
         raise ValueError(f"{name}: only printable ASCII can be written here: {value!r}")
-    return _fold(name, words)
+    return _fold(name, value.split(" "))
 
 
 def address_field(name: str, mailboxes: Sequence[Address]) -> Field:
@@ -195,6 +197,9 @@ def _fold(name: str, words: Sequence[str]) -> Field:
     extra space) when the line would pass 78 characters; refused when a line must pass 998."""
     if not _FIELD_NAME.fullmatch(name):
         raise ValueError(f"not a valid header field name: {name!r}")
+    line = f"{name}: {' '.join(words)}"
+    if len(line) <= MAX_LINE:
+        return Field(name, line + "\r\n")
     lines = []
     line = name + ":"
     bare = True  # nothing but the field name on this line yet

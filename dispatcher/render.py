@@ -109,6 +109,8 @@ class Renderer:
         self.mail_from: Address = parse_address(mail_from, "mail.from")
         self._env = template_environment(self.templates_dir, auto_reload=auto_reload)
         self._known: frozenset[str] = frozenset()
+        self._auto_reload = auto_reload
+        self._body_files: dict[str, tuple[bool, bool]] = {}
 
     def template_names(self) -> list[str]:
         """Folders holding a body; `_layouts` and hidden folders are not templates."""
@@ -122,10 +124,9 @@ class Renderer:
 
     def render_parts(self, name: str, context: dict[str, Any]) -> Parts:
         """Render subject, HTML and text; the text is derived from the HTML without body.txt."""
-        folder = self._folder(name)
-        subject_file = f"{name}/subject.txt"
-        subject = " ".join(self._render(subject_file, context).split())
-        where = self._where(str(folder / "subject.txt"), None)
+        has_html, has_text = self._bodies(name)
+        subject = " ".join(self._render(f"{name}/subject.txt", context).split())
+        where = f"{self.templates_dir.name}/{name}/subject.txt"  # as _where() would write it
         if not subject:
             raise TemplateError("subject is empty", where)
         try:
@@ -133,10 +134,10 @@ class Renderer:
         except InvalidRequest as exc:
             raise TemplateError(str(exc), where) from None
         html = None
-        if (folder / "body.html").is_file():
+        if has_html:
             html = self._render(f"{name}/body.html", context)
-            html = inline_css(html, self._where(str(folder / "body.html"), None))
-        if (folder / "body.txt").is_file():
+            html = inline_css(html, f"{self.templates_dir.name}/{name}/body.html")
+        if has_text:
             text = self._render(f"{name}/body.txt", context)
         elif html is not None:
             text = html_to_text(html)
@@ -218,6 +219,18 @@ class Renderer:
             and any(os.path.isfile(os.path.join(entry.path, body)) for body in BODY_FILES)
         )
         return self._known
+
+    def _bodies(self, name: str) -> tuple[bool, bool]:
+        """Whether the template has body.html, body.txt: looked up once per template when
+        templates do not reload (the daemon keeps what it loaded, as Jinja's cache does), on
+        every render when they do (preview sees a body file appear or go)."""
+        found = self._body_files.get(name)
+        if found is None:
+            folder = self._folder(name)
+            found = (os.path.isfile(folder / "body.html"), os.path.isfile(folder / "body.txt"))
+            if not self._auto_reload:
+                self._body_files[name] = found
+        return found
 
     def _folder(self, name: str) -> Path:
         # TEMPLATE_NAME has no '/', '.' or '..', so the folder cannot be outside templates_dir.
@@ -447,21 +460,26 @@ def _check_headers(written: Iterable[str], data: bytes, message_id: str) -> None
     CVE-2024-6923 kind (an encoded newline turning into a real header line). Every one of
     CR LF, CR and LF counts as a line break here, as it does for the stdlib parser.
     """
-    end = _BLANK_LINE.search(data)
-    block = data[: end.start()] if end else data
-    found: list[tuple[str, bytes]] = []
-    for line in _LINE_BREAK.split(block):
-        if line[:1] in (b" ", b"\t") and found:
-            found[-1] = (found[-1][0], found[-1][1] + line)
-        else:
+    end = data.find(b"\r\n\r\n")
+    block = data[:end] if end >= 0 else data
+    if block.count(b"\r\n") == block.count(b"\r") == block.count(b"\n"):
+        lines = block.split(b"\r\n")  # CRLF is the only line break (what mime writes)
+    else:  # a bare CR or LF: split where a mail reader would, and end where it would
+        blank = _BLANK_LINE.search(data)
+        lines = _LINE_BREAK.split(data[: blank.start()] if blank else data)
+    fields = {}  # name -> value of its last occurrence
+    came = []
+    for line in lines:
+        if line[:1] not in b" \t":  # not a continuation line (nor an empty one)
             name, _, value = line.partition(b":")
-            found.append((name.decode("ascii", "replace").strip().lower(), value))
-    meant = Counter(name.lower() for name in written)
-    came = Counter(name for name, _ in found)
+            came.append(name.strip().lower())
+            fields[came[-1]] = value
+    came.sort()
+    meant = sorted(name.lower().encode("ascii", "replace") for name in written)
     if came != meant:
-        extra = sorted((came - meant).elements())
-        missing = sorted((meant - came).elements())
+        extra = sorted(n.decode("ascii", "replace") for n in (Counter(came) - Counter(meant)))
+        missing = sorted(n.decode("ascii", "replace") for n in (Counter(meant) - Counter(came)))
         raise TemplateError(f"header check failed: unexpected {extra}, missing {missing}")
-    written_id = next(value for name, value in found if name == "message-id")
-    if written_id.strip() != message_id.encode("ascii", "replace"):
+    written_id = fields.get(b"message-id", b"").strip()
+    if written_id != message_id.encode("ascii", "replace"):
         raise TemplateError(f"header check failed: Message-ID came out as {written_id!r}")
