@@ -96,7 +96,8 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
                 break
             if words[index]:
                 last = index
-        out.extend(_encoded_words(" ".join(words[start : last + 1])))
+        room = _first_room(name) - len(out) if not any(out) else _EW_TEXT
+        out.extend(_encoded_words(" ".join(words[start : last + 1]), room))
         start = last + 1
     return _fold(name, out)
 
@@ -127,7 +128,7 @@ def address_field(name: str, mailboxes: Sequence[Address]) -> Field:
         if not mailbox.display_name:
             words.append(mailbox.addr_spec + separator)
             continue
-        words.extend(_phrase(mailbox.display_name))
+        words.extend(_phrase(mailbox.display_name, _EW_TEXT if words else _first_room(name)))
         words.append(f"<{mailbox.addr_spec}>{separator}")
     return _fold(name, words)
 
@@ -216,27 +217,34 @@ def _fold(name: str, words: Sequence[str]) -> Field:
     return Field(name, "\r\n".join(lines) + "\r\n")
 
 
-def _phrase(name: str) -> list[str]:
+def _first_room(name: str) -> int:
+    """How many encoded characters the first encoded word can hold right after `Name: `."""
+    return MAX_LINE - len(name) - len(": =?utf-8?q??=")
+
+
+def _phrase(name: str, room: int) -> list[str]:
     """A display name as words: atoms, a quoted string, or encoded words."""
     plain = _LITERAL_WORD.fullmatch(name.replace(" ", "!")) and "=?" not in name
     if not plain or max(map(len, name.split(" "))) > _PARAM_CHUNK:
-        return _encoded_words(name)
+        return _encoded_words(name, room)
     if _ATOMS.fullmatch(name):
         return name.split(" ")
     quoted = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{quoted}"'.split(" ")
 
 
-def _encoded_words(text: str) -> list[str]:
-    """UTF-8 encoded words of at most 75 characters, never splitting a character.
+def _encoded_words(text: str, room: int) -> list[str]:
+    """UTF-8 encoded words of at most 75 characters, never splitting a character; the first
+    one holds at most `room` encoded characters (what is left of its line), but always one.
 
     Q when it is no longer than B (Latin text stays readable), else B, as the stdlib decides.
     """
+    budget = min(_EW_TEXT, max(room, 12))  # 12: the longest character, 4 bytes, in Q
     data = text.encode("utf-8")
     q_size = len(data) + 2 * len(data.translate(None, _Q_LITERAL))
     use_q = q_size <= (len(data) + 2) // 3 * 4
     size = q_size if use_q else (len(data) + 2) // 3 * 4
-    if size <= _EW_TEXT:
+    if size <= budget:
         return [_encoded_word(data, use_q)]
     words, chunk, chunk_size = [], bytearray(), 0
     for char in text:
@@ -247,9 +255,9 @@ def _encoded_words(text: str) -> list[str]:
         else:
             char_size = (len(encoded) + 2) // 3 * 4
             grown = (len(chunk) + len(encoded) + 2) // 3 * 4
-        if chunk and grown > _EW_TEXT:
+        if chunk and grown > budget:
             words.append(_encoded_word(bytes(chunk), use_q))
-            chunk, grown = bytearray(), char_size
+            chunk, grown, budget = bytearray(), char_size, _EW_TEXT
         chunk += encoded
         chunk_size = grown
     words.append(_encoded_word(bytes(chunk), use_q))
