@@ -5,8 +5,8 @@ folds it through a generic parse tree: about 1.5 ms per multipart message, most 
 per mail. What we send has one shape (text, optional HTML alternative, optional attachments) and
 header values that are already validated, so this module writes that shape as bytes in tens of
 microseconds. The encoders are the stdlib's C and table-driven ones (`binascii.b2a_qp`,
-`base64.encodebytes`, `email.quoprimime` / `email.base64mime` for encoded words); only the
-assembly (which header, which fold, which boundary) is written here.
+`binascii.b2a_base64`, `email.quoprimime` / `email.base64mime` for encoded words); only the
+assembly (which header, which fold, which line, which boundary) is written here.
 
 Why header injection cannot happen by construction: every header line is written by `_fold`,
 which puts `Name: ` first and joins words with a space or CRLF-space only. A word is either an
@@ -20,13 +20,15 @@ Everything written is 7-bit: bodies are 7bit only when ASCII with lines of at mo
 otherwise quoted-printable (or base64 when shorter); attachments are base64.
 """
 
-import base64
 import binascii
 import email.base64mime
 import email.quoprimime
+import email.utils
+import functools
 import re
 import urllib.parse
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from dispatcher.address import Address
@@ -102,6 +104,17 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
     return _fold(name, out)
 
 
+@functools.lru_cache(maxsize=4)
+def date_field(moment: datetime, offset: timedelta | None) -> Field:
+    """`Date: Sat, 01 Mar 2025 12:30:00 +0000` for a time to the second.
+
+    Cached: a busy daemon dates hundreds of mails in the same second, and formatting costs more
+    than the rest of the header. `offset` is part of the key because datetimes of the same instant
+    in two time zones are equal, yet are written differently.
+    """
+    return literal_field("Date", email.utils.format_datetime(moment))
+
+
 def literal_field(name: str, value: str) -> Field:
     """A structured field we write ourselves (Date, Message-ID, MIME-Version): ASCII only."""
     _refuse_line_breaks(name, value)
@@ -146,17 +159,20 @@ def text_part(text: str, subtype: str) -> Part:
         encoding, body = "7bit", text.replace("\n", "\r\n").encode("ascii")
     else:
         data = text.encode("utf-8")
-        body = binascii.b2a_qp(data, istext=True)
         encoding = "quoted-printable"
+        body = binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
         base64_size = (len(data) + 2) // 3 * 4
-        if len(body) > base64_size + base64_size // 76 + 1:
-            encoding, body = "base64", base64.encodebytes(data)
-        body = body.replace(b"\n", b"\r\n")
-    fields = (
+        if len(body) > base64_size + (base64_size // 76 + 1) * 2:
+            encoding, body = "base64", _base64_lines(data)
+    return Part(_text_part_fields(subtype, encoding), body)
+
+
+@functools.lru_cache(maxsize=16)
+def _text_part_fields(subtype: str, encoding: str) -> tuple[Field, ...]:
+    return (
         _fold("Content-Type", [f"text/{_token(subtype)};", 'charset="utf-8"']),
         _fold("Content-Transfer-Encoding", [encoding]),
     )
-    return Part(fields, body)
 
 
 def attachment_part(filename: str, content_type: str, content: bytes) -> Part:
@@ -167,7 +183,15 @@ def attachment_part(filename: str, content_type: str, content: bytes) -> Part:
         _fold("Content-Transfer-Encoding", ["base64"]),
         _fold("Content-Disposition", ["attachment;", *_filename_param(filename)]),
     )
-    return Part(fields, base64.encodebytes(content).replace(b"\n", b"\r\n"))
+    return Part(fields, _base64_lines(content))
+
+
+def _base64_lines(data: bytes) -> bytes:
+    """Base64 in CRLF-ended lines of 76, as `base64.encodebytes` writes them with LF, but in one
+    C call rather than one per 57-byte line (about twice as fast on a 20 KB file)."""
+    encoded = binascii.b2a_base64(data, newline=False)
+    lines = [encoded[start : start + 76] for start in range(0, len(encoded), 76)]
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
 
 def multipart(subtype: str, parts: Iterable[Part], boundary: str) -> Part:

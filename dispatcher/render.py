@@ -1,22 +1,23 @@
-"""Templates to bytes: Jinja renders the parts, the stdlib email package builds the message.
+"""Templates to bytes: Jinja renders the parts, `dispatcher.mime` writes the message.
 
 A template is a folder under the templates directory: `subject.txt`, `body.html` and/or
 `body.txt`, and an optional `preview.yaml` of sample contexts. Every failure a template author can
 cause comes out as one `TemplateError` that names `file:line`, so `dispatcher check`, the preview
 UI and a dead message's reason all read like a compiler error.
 
-The message is built only through `EmailMessage` and `headerregistry.Address` (never by joining
-strings), then its header block is parsed back and compared with what we wrote: Python 3.11.7 has
-CVE-2024-6923, where an encoded word in a header value can turn into a real header line.
+The message is written by `mime` (about 10x faster than the stdlib's `EmailMessage`, which cost
+most of a daemon's CPU per mail), whose header lines cannot be started by a value; its header block
+is then scanned back and compared with what we wrote, the check that caught CVE-2024-6923 (an
+encoded word turning into a real header line) in the stdlib builder of Python 3.11.7.
 """
 
-import email.utils
+import functools
 import hashlib
 import os
 import re
 import textwrap
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,7 @@ _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 # dropped, not loaded, so rendering never touches the network.
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")  # where a header block ends
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_MIME_VERSION = mime.literal_field("MIME-Version", "1.0")
 _STYLE_TAG = re.compile(r"<style\b", re.IGNORECASE)
 _CSS_INLINER = css_inline.CSSInliner(
     load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
@@ -290,7 +292,7 @@ class Renderer:
     ) -> list[mime.Field]:
         """The message's own header fields, in the order the stdlib builder wrote them."""
         fields = [
-            mime.address_field("From", [_ascii_address(sender)]),
+            _from_field(sender),
             mime.address_field("To", [_ascii_address(a) for a in request.to]),
         ]
         if request.cc:
@@ -301,9 +303,9 @@ class Renderer:
         # No Bcc header, ever: Bcc recipients exist only in the SMTP envelope.
         fields += [
             mime.text_field("Subject", parts.subject),
-            mime.literal_field("Date", email.utils.format_datetime(moment)),
+            mime.date_field(moment.replace(microsecond=0), moment.utcoffset()),
             mime.literal_field("Message-ID", message_id),
-            mime.literal_field("MIME-Version", "1.0"),
+            _MIME_VERSION,
         ]
         fields += (
             mime.text_field(name, value, encode_long_words=False)
@@ -433,6 +435,12 @@ def _ascii_addr_spec(addr_spec: str) -> str:
     return str(ascii_email)
 
 
+@functools.lru_cache(maxsize=64)
+def _from_field(sender: Address) -> mime.Field:
+    """Cached: nearly every message has the configured sender."""
+    return mime.address_field("From", [_ascii_address(sender)])
+
+
 def _ascii_address(address: Address) -> Address:
     return Address(address.display_name, _ascii_addr_spec(address.addr_spec))
 
@@ -451,7 +459,7 @@ def _boundary_seed(message_id: str, parts: Parts, request: Request) -> str:
     return digest.hexdigest()[:32]
 
 
-def _check_headers(written: Iterable[str], data: bytes, message_id: str) -> None:
+def _check_headers(written: Sequence[str], data: bytes, message_id: str) -> None:
     """Split the serialised header block into fields as a mail reader would: it must hold
     exactly the fields we wrote, and the Message-ID we meant.
 
@@ -462,24 +470,23 @@ def _check_headers(written: Iterable[str], data: bytes, message_id: str) -> None
     """
     end = data.find(b"\r\n\r\n")
     block = data[:end] if end >= 0 else data
+    id_line = b"\r\nMessage-ID: " + message_id.encode("ascii", "replace") + b"\r\n"
     if block.count(b"\r\n") == block.count(b"\r") == block.count(b"\n"):
-        lines = block.split(b"\r\n")  # CRLF is the only line break (what mime writes)
+        # CRLF is the only line break (what mime writes): count the lines that start a field.
+        field_count = 1 + block.count(b"\r\n") - block.count(b"\r\n ") - block.count(b"\r\n\t")
+        if field_count == len(written) and id_line in block + b"\r\n":
+            return
+        lines = block.split(b"\r\n")
     else:  # a bare CR or LF: split where a mail reader would, and end where it would
         blank = _BLANK_LINE.search(data)
         lines = _LINE_BREAK.split(data[: blank.start()] if blank else data)
-    fields = {}  # name -> value of its last occurrence
-    came = []
-    for line in lines:
-        if line[:1] not in b" \t":  # not a continuation line (nor an empty one)
-            name, _, value = line.partition(b":")
-            came.append(name.strip().lower())
-            fields[came[-1]] = value
-    came.sort()
-    meant = sorted(name.lower().encode("ascii", "replace") for name in written)
-    if came != meant:
+    field_lines = [line for line in lines if line[:1] not in b" \t"]  # not continuations
+    came = [line.partition(b":")[0].strip().lower() for line in field_lines]
+    meant = [name.lower().encode("ascii", "replace") for name in written]
+    if sorted(came) != sorted(meant):
         extra = sorted(n.decode("ascii", "replace") for n in (Counter(came) - Counter(meant)))
         missing = sorted(n.decode("ascii", "replace") for n in (Counter(meant) - Counter(came)))
         raise TemplateError(f"header check failed: unexpected {extra}, missing {missing}")
-    written_id = fields.get(b"message-id", b"").strip()
+    written_id = field_lines[came.index(b"message-id")].partition(b":")[2].strip()
     if written_id != message_id.encode("ascii", "replace"):
         raise TemplateError(f"header check failed: Message-ID came out as {written_id!r}")
