@@ -104,14 +104,16 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
     return _fold(name, out)
 
 
-@functools.lru_cache(maxsize=4)
-def date_field(moment: datetime, offset: timedelta | None) -> Field:
-    """`Date: Sat, 01 Mar 2025 12:30:00 +0000` for a time to the second.
+def date_field(moment: datetime) -> Field:
+    """`Date: Sat, 01 Mar 2025 12:30:00 +0000`: RFC 5322 dates have no fractions of a second."""
+    return _date_field(moment.replace(microsecond=0), moment.utcoffset())
 
-    Cached: a busy daemon dates hundreds of mails in the same second, and formatting costs more
-    than the rest of the header. `offset` is part of the key because datetimes of the same instant
-    in two time zones are equal, yet are written differently.
-    """
+
+@functools.lru_cache(maxsize=4)
+def _date_field(moment: datetime, offset: timedelta | None) -> Field:
+    """Cached: a busy daemon dates hundreds of mails in the same second, and formatting costs
+    more than the rest of the header. `offset` is part of the key because datetimes of the same
+    instant in two time zones are equal, yet are written differently."""
     return literal_field("Date", email.utils.format_datetime(moment))
 
 

@@ -303,7 +303,7 @@ class Renderer:
         # No Bcc header, ever: Bcc recipients exist only in the SMTP envelope.
         fields += [
             mime.text_field("Subject", parts.subject),
-            mime.date_field(moment.replace(microsecond=0), moment.utcoffset()),
+            mime.date_field(moment),
             mime.literal_field("Message-ID", message_id),
             _MIME_VERSION,
         ]

@@ -10,7 +10,7 @@ import email.policy
 import random
 import re
 from collections.abc import Sequence
-from email.message import EmailMessage, MIMEPart
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from dispatcher import mime
 from dispatcher.address import Address
+from tests.test_render import content, parse
 
 BOUNDARY = "=_0123456789abcdef.0"
 ADA = Address("Ada Lovelace", "ada@example.com")
@@ -56,22 +57,6 @@ def build(
         attached = [mime.attachment_part(*file) for file in files]
         body = mime.multipart("mixed", [body, *attached], BOUNDARY + "m")
     return mime.message(fields, body)
-
-
-def parse(data: bytes) -> EmailMessage:
-    message = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    assert not message.defects, message.defects
-    for part in message.walk():
-        assert not part.defects, (part.get_content_type(), part.defects)
-    return message
-
-
-def content(part: MIMEPart | None) -> str:
-    assert part is not None
-    text = part.get_content()
-    assert isinstance(text, str)
-    return text.replace("\r\n", "\n")
 
 
 def assert_wire_form(data: bytes) -> None:
@@ -377,3 +362,11 @@ def test_any_file_name_and_content_round_trips(filename: str, raw: bytes) -> Non
     (attached,) = list(parse(data).iter_attachments())
     assert attached.get_filename() == filename
     assert attached.get_payload(decode=True) == raw
+
+
+def test_date_field_writes_each_time_zone_even_for_the_same_instant() -> None:
+    utc = datetime(2025, 3, 1, 12, 30, 5, 999_999, tzinfo=UTC)
+    paris = utc.astimezone(timezone(timedelta(hours=1)))
+    assert mime.date_field(utc).lines == "Date: Sat, 01 Mar 2025 12:30:05 +0000\r\n"
+    assert mime.date_field(paris).lines == "Date: Sat, 01 Mar 2025 13:30:05 +0100\r\n"
+    assert mime.date_field(utc).lines == "Date: Sat, 01 Mar 2025 12:30:05 +0000\r\n"

@@ -52,8 +52,11 @@ def request(template: str = "hello", **fields: Any) -> Request:
 
 
 def parse(data: bytes) -> EmailMessage:
+    """The message as a mail client reads it; the parser found nothing wrong in any part."""
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
+    for part in message.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
     return message
 
 
