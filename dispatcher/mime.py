@@ -3,16 +3,17 @@
 The stdlib's `EmailMessage` builds a tree of header objects, re-parses every value it is given and
 folds it through a generic parse tree: about 1.5 ms per multipart message, most of a daemon's CPU
 per mail. What we send has one shape (text, optional HTML alternative, optional attachments) and
-header values that are already validated, so this module writes that shape as bytes in tens of
-microseconds. The encoders are the stdlib's C and table-driven ones (`binascii.b2a_qp`,
-`binascii.b2a_base64`, `email.quoprimime` / `email.base64mime` for encoded words); only the
-assembly (which header, which fold, which line, which boundary) is written here.
+header values that are already validated, so this module writes that shape as bytes in about a
+tenth of the time (`benchmarks/render.py`). The encoders are the stdlib's C and table-driven
+ones (`binascii.b2a_qp`, `binascii.b2a_base64`, `email.quoprimime` / `email.base64mime` for
+encoded words); only the assembly (which header, which fold, which line, which boundary) is
+written here.
 
 Why header injection cannot happen by construction: every header line is written by `_fold`,
 which puts `Name: ` first and joins words with a space or CRLF-space only. A word is either an
 RFC 2047 encoded word, whose alphabet (letters, digits, `!*+-/=_?` and base64) has no whitespace
-or control character, or literal text that matched `[!-~]+` (printable ASCII, no space, no
-control). CR and LF in any value raise ValueError before anything is written. So every line that
+or control character, or literal text checked to be printable ASCII (`[ -~]`, no control
+character). CR and LF in any value raise ValueError before anything is written. So every line that
 starts a header is one we started, whatever the input; `Renderer` still parses the header block
 back (`render._check_headers`, a few microseconds) as a second line of defence.
 
@@ -38,6 +39,7 @@ MAX_HARD_LINE = 998  # RFC 5322 2.1.1: MUST, refused beyond
 MAX_ENCODED_WORD = 75  # RFC 2047 2: including `=?utf-8?q?` and `?=`
 _EW_TEXT = MAX_ENCODED_WORD - len("=?utf-8?q??=")  # encoded characters per encoded word: 63
 _PARAM_CHUNK = 60  # characters of an RFC 2231 parameter value per continuation line
+_LONG_WORD = 60  # a display-name word longer than this is encoded, so that it can be folded
 
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext, at most what wire allows
 _LITERAL_WORD = re.compile(r"[!-~]+")  # printable ASCII: written as it is
@@ -81,10 +83,7 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
         return _fold(name, [value])  # the common case: one short ASCII line
     longest = MAX_LINE - 1 if encode_long_words else MAX_HARD_LINE - len(name) - 3
     words = value.split(" ")
-    literal = [
-        not word or (len(word) <= longest and "=?" not in word and _LITERAL_WORD.fullmatch(word))
-        for word in words
-    ]
+    literal = [not word or _is_literal(word, longest) for word in words]
     out: list[str] = []
     start = 0
     while start < len(words):
@@ -102,6 +101,12 @@ def text_field(name: str, value: str, *, encode_long_words: bool = True) -> Fiel
         out.extend(_encoded_words(" ".join(words[start : last + 1]), room))
         start = last + 1
     return _fold(name, out)
+
+
+def _is_literal(word: str, longest: int) -> bool:
+    """Whether a word can be written as it is: printable ASCII, short enough, and nothing a
+    reader would decode as an encoded word."""
+    return len(word) <= longest and "=?" not in word and bool(_LITERAL_WORD.fullmatch(word))
 
 
 def date_field(moment: datetime) -> Field:
@@ -250,9 +255,8 @@ def _first_room(name: str) -> int:
 
 def _phrase(name: str, room: int) -> list[str]:
     """A display name as words: atoms, a quoted string, or encoded words."""
-    plain = _LITERAL_WORD.fullmatch(name.replace(" ", "!")) and "=?" not in name
-    if not plain or max(map(len, name.split(" "))) > _PARAM_CHUNK:
-        return _encoded_words(name, room)
+    if not all(_is_literal(word, _LONG_WORD) for word in name.split(" ") if word):
+        return _encoded_words(name, room)  # which also splits a long word
     if _ATOMS.fullmatch(name):
         return name.split(" ")
     quoted = name.replace("\\", "\\\\").replace('"', '\\"')
