@@ -18,7 +18,7 @@ import pytest
 
 from dispatcher.address import Address, parse_address
 from dispatcher.errors import TemplateError
-from dispatcher.render import Renderer, html_to_text
+from dispatcher.render import Renderer, _check_headers, html_to_text
 from dispatcher.wire import Attachment, Request
 
 SHIPPED = Path(__file__).parents[1] / "templates"
@@ -52,8 +52,11 @@ def request(template: str = "hello", **fields: Any) -> Request:
 
 
 def parse(data: bytes) -> EmailMessage:
+    """The message as a mail client reads it; the parser found nothing wrong in any part."""
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
+    for part in message.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
     return message
 
 
@@ -447,3 +450,39 @@ def test_inlining_never_fetches_a_stylesheet(tmp_path: Path) -> None:
 def test_html_without_a_style_block_is_left_as_written(tmp_path: Path) -> None:
     renderer = renderer_for(tmp_path, {"t/subject.txt": "Hi", "t/body.html": "<p>{{ name }}</p>"})
     assert renderer.render_parts("t", {"name": "Ada"}).html == "<p>Ada</p>"
+
+
+def test_reloading_renderer_sees_a_body_file_appear_and_go(tmp_path: Path) -> None:
+    """Preview (auto_reload=True) looks the body files up on every render."""
+    templates = make_templates(tmp_path, {"t/subject.txt": "Hi", "t/body.txt": "Text"})
+    renderer = Renderer(templates, MAIL_FROM, auto_reload=True)
+    assert parse(renderer.render(request("t"), NOW).data).get_content_type() == "text/plain"
+    (templates / "t" / "body.html").write_text("<p>HTML</p>", encoding="utf-8")
+    message = parse(renderer.render(request("t"), NOW).data)
+    assert message.get_content_type() == "multipart/alternative"
+    assert content(message.get_body(("html",))) == "<p>HTML</p>\n"
+    (templates / "t" / "body.html").unlink()
+    assert parse(renderer.render(request("t"), NOW).data).get_content_type() == "text/plain"
+
+
+def test_what_the_builder_cannot_write_is_a_template_error(hello: Renderer) -> None:
+    """wire accepts any \\w in a MIME type; a header can carry only ASCII tokens."""
+    attachment = Attachment("a.csv", "téxt/csv", b"x")
+    with pytest.raises(TemplateError, match="cannot build the message: not a valid MIME type"):
+        hello.render(request(attachments=(attachment,)), NOW)
+
+
+def test_header_check_finds_a_header_line_made_by_a_bare_line_break(hello: Renderer) -> None:
+    rendered = hello.render(request(), NOW)
+    written = list(parse(rendered.data).keys())
+    _check_headers(written, rendered.data, rendered.message_id)  # what we wrote passes
+    for forged in (b"\nBcc: evil@example.com", b"\rBcc: evil@example.com"):
+        data = rendered.data.replace(b"\r\nDate:", forged + b"\r\nDate:", 1)
+        with pytest.raises(TemplateError, match=r"unexpected \['bcc'\]"):
+            _check_headers(written, data, rendered.message_id)
+    data = rendered.data.replace(b"\r\nDate:", b"\r\n\nDate:", 1)  # ends the header block early
+    with pytest.raises(TemplateError, match="missing"):
+        _check_headers(written, data, rendered.message_id)
+    data = rendered.data.replace(rendered.message_id.encode(), b"<other@example.com>")
+    with pytest.raises(TemplateError, match="Message-ID came out as"):
+        _check_headers(written, data, rendered.message_id)
