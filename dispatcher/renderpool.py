@@ -7,7 +7,7 @@ processes, which render while the loop sends the previous batch. `templates.rend
 renders on the loop instead (one core, or a debugger).
 
 Workers are spawned, not forked (the daemon has threads, and a fork would copy its sockets),
-ignore SIGINT (Ctrl-C in `dispatcher dev` is the parent's to handle) and start on first use.
+ignore SIGINT (Ctrl-C in `dispatcher dev` is the parent's to handle) and start with the daemon.
 """
 
 import asyncio
@@ -103,6 +103,14 @@ class RenderPool:
             log.error("a render process died (%s); starting new ones", exc)
             self.close()
             return [Failed("render process died; will try again", permanent=False)] * len(batch)
+
+    def start(self) -> None:
+        """Spawn the workers now, in the background: a worker's start-up (imports, ~0.3 s)
+        would otherwise delay the first mail after the daemon starts."""
+        if self.processes:
+            pool = self._pool()
+            for _ in range(self.processes):  # the pool spawns a worker per waiting task
+                pool.submit(_render_batch, [])
 
     def _pool(self) -> ProcessPoolExecutor:
         if self.pool is None:

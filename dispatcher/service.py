@@ -39,6 +39,7 @@ BATCH = 1000  # frames per intake transaction: ~200k rows/s with synchronous=FUL
 # The feeder re-reads the spool at least this often, whatever it was told: also how soon it
 # sees a request that another process (`dispatcher retry`) made due. A cheap indexed query.
 IDLE_WAKE = 1.0
+FEED_BATCH = 32  # at least this many rows per feed: one render round trip and one commit each
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
@@ -126,7 +127,10 @@ class Daemon:
             self.close()
             raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
-        self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=settings.smtp.connections)
+        # Rows handed over per feed: two per connection, so the next batch renders while the
+        # workers send this one.
+        self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
+        self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=self.batch)
         self.in_hand: set[str] = set()
         self.wake = asyncio.Event()
         self.overflow_complaint = ""
@@ -281,7 +285,7 @@ class Daemon:
         wakes us. A batch renders (in the render processes) while the workers send the last."""
         while True:
             self.wake.clear()
-            rows = self.spool.due(now(), self.settings.smtp.connections, self.in_hand)
+            rows = self.spool.due(now(), self.batch, self.in_hand)
             self.in_hand.update(row.id for row in rows)
             waiting = {row.id for row in rows}  # in hand, not yet with a worker
             started: dict[str, Start] = {}
@@ -437,6 +441,7 @@ class Daemon:
         recovered = self.spool.requeue_interrupted(now())
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
+        self.renders.start()
         self.observer.start()  # metrics endpoint, then READY=1: every socket is bound
         log.info(
             "listening on %s (receipts on %s), delivering to %s:%d with %d connections",
