@@ -42,6 +42,11 @@ SEND_HWM = 100_000
 TICK = 0.05  # seconds between the background thread's checks when no receipt arrives
 GATHER = 0.01  # seconds the background thread lets receipts gather between two batches
 HANDSHAKE_GRACE = 1.0  # seconds to wait for the other daemons' receipts after the first
+# While receipts keep coming a daemon is committing, only behind: a burst of 100,000 requests
+# takes seconds to store. Then a request waits up to PATIENCE x ack_timeout before it is sent
+# again, instead of doubling the daemon's work (measured: 59k re-sends, 23k spilled, for one
+# 100k burst). With no receipt for `ack_timeout`, the plain timeout applies.
+PATIENCE = 5
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
 
 
@@ -90,6 +95,7 @@ class Handoff:
         self.spilling = 0  # frames being written by a thread right now
         self.spilled = 0  # frames spilled since the last flush()
         self.resent = 0  # frames sent a second time for want of a receipt (ever)
+        self.receipt_at = float("-inf")  # time.monotonic() of the last receipt
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
@@ -235,6 +241,8 @@ class Handoff:
                 done += self.receipts.recv(zmq.NOBLOCK).decode().split(" ")[1:]
             except zmq.Again:
                 break
+        if done:
+            self.receipt_at = time.monotonic()
         with self.lock:
             for request_id in done:
                 entry = self.pending.pop(request_id, None)
@@ -251,6 +259,8 @@ class Handoff:
     def _check_timeouts(self) -> None:
         """Send once more what had no receipt in time; spill what had none twice."""
         now, timeout = time.monotonic(), self.settings.ack_timeout
+        if now - self.receipt_at < timeout:  # receipts are coming: the daemon is only behind
+            timeout *= PATIENCE
         expired: list[tuple[str, Pending]] = []
         expired_frames: list[bytes] = []
         with self.lock:

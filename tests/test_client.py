@@ -39,6 +39,8 @@ class FakeDaemon:
         self.endpoint = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
         self.acks = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
         self.acknowledging = True
+        self.trickle = 0.0  # > 0: one receipt per this many seconds, a daemon that is behind
+        self.backlog: list[dict[str, Any]] = []
         self.frames: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.stopping = threading.Event()
@@ -46,15 +48,24 @@ class FakeDaemon:
         self.thread.start()
 
     def _serve(self) -> None:
+        next_receipt = 0.0
         while not self.stopping.is_set():
-            if not self.pull.poll(20):
+            if self.backlog and time.monotonic() >= next_receipt:
+                self._acknowledge(self.backlog.pop(0))
+                next_receipt = time.monotonic() + self.trickle
+            if not self.pull.poll(10):
                 continue
             fields = orjson.loads(self.pull.recv())
-            if self.acknowledging:
-                self.pub.send(f"{fields['client']} {fields['id']}".encode())
+            if self.acknowledging and self.trickle:
+                self.backlog.append(fields)
+            elif self.acknowledging:
+                self._acknowledge(fields)
             with self.changed:
                 self.frames.append(fields)
                 self.changed.notify_all()
+
+    def _acknowledge(self, fields: dict[str, Any]) -> None:
+        self.pub.send(f"{fields['client']} {fields['id']}".encode())
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         with self.changed:
@@ -85,6 +96,15 @@ def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
     yield fake
     client._state.close()
     fake.close()
+
+
+def test_a_daemon_that_is_only_behind_gets_no_re_sends(daemon: FakeDaemon, tmp_path: Path) -> None:
+    daemon.trickle = 0.08  # 8 receipts take ~0.6 s: twice ack_timeout (0.3 s)
+    ids = [dispatcher.enqueue_email("welcome", to=f"u{i}@example.com") for i in range(8)]
+    assert dispatcher.flush(10.0) is True
+    assert client._state.get().resent == 0
+    assert sorted(f["id"] for f in daemon.frames) == sorted(ids)  # each received once
+    assert spilled_ids(tmp_path / "overflow") == []
 
 
 def spilled_ids(folder: Path) -> list[str]:
