@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
+from benchmarks.common import CONTEXT  # noqa: E402
 from dispatcher import client  # noqa: E402
 from dispatcher.render import Renderer  # noqa: E402
 from dispatcher.spool import Spool  # noqa: E402
@@ -46,7 +47,6 @@ from dispatcher.wire import validate  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 from tests.smtp_server import free_port  # noqa: E402
 
-CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}
 SMTP_SINK = "/usr/sbin/smtp-sink"
 WAIT_LIMIT = 900.0  # seconds any one run may take before the benchmark gives up
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
-from benchmarks.core import CONTEXT, wait_stored  # noqa: E402
+from benchmarks.common import CONTEXT, wait_stored  # noqa: E402
 from dispatcher import client, handoff, overflow  # noqa: E402
 from dispatcher.settings import load_settings  # noqa: E402
 from tests.daemon import write_settings  # noqa: E402

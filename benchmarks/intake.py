@@ -24,15 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from delivery import free_port, server, slow_server  # noqa: E402
-
+from benchmarks.common import CONTEXT  # noqa: E402
+from benchmarks.delivery import free_port, server, slow_server  # noqa: E402
 from dispatcher import wire  # noqa: E402
 from dispatcher.spool import Spool, now  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 
-CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}
 WAIT_LIMIT = 600.0
 # The flooding process: prebuilt frames, sent as fast as the socket takes them (blocking when
 # the daemon's queue is full, so nothing is dropped and nothing goes to the overflow folder).
