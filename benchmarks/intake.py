@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import CONTEXT  # noqa: E402
 from benchmarks.delivery import free_port, server, slow_server  # noqa: E402
 from dispatcher import wire  # noqa: E402
-from dispatcher.spool import Spool, now  # noqa: E402
+from dispatcher.spool import Incoming, Spool, now  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 
 WAIT_LIMIT = 600.0
@@ -59,8 +59,7 @@ def frame(i: int) -> bytes:
 
 def storage_ceiling(folder: Path, total: int) -> float:
     """Rows per second `Spool.add` commits with nothing else to do."""
-    requests = [wire.decode(frame(i)) for i in range(total)]
-    rows = [(r, frame(i)) for i, r in enumerate(requests)]
+    rows = [Incoming.of(wire.decode(frame(i))) for i in range(total)]
     with Spool(folder / "ceiling.sqlite3") as spool:
         start = time.perf_counter()
         for first in range(0, total, 1000):

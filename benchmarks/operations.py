@@ -19,14 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
 from dispatcher import client, wire  # noqa: E402
-from dispatcher.spool import Spool  # noqa: E402
+from dispatcher.spool import Incoming, Spool  # noqa: E402
 from tests.daemon import DaemonProcess, run_cli, write_settings  # noqa: E402
 from tests.smtp_server import SmtpServer  # noqa: E402
 
@@ -38,7 +36,7 @@ def spool_queries(rows: int) -> None:
         batch = []
         for i in range(rows):
             request = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
-            batch.append((request, orjson.dumps(wire.to_fields(request))))
+            batch.append(Incoming.of(request))
         spool.add(batch, [], 0.0)
         spool.db.execute("update requests set state = 'sent'")
 

@@ -29,7 +29,7 @@ from dispatcher.observer import Observer
 from dispatcher.render import RenderedMessage
 from dispatcher.renderpool import Failed, RenderPool
 from dispatcher.settings import Settings
-from dispatcher.spool import Finish, Row, Spool, Start, now
+from dispatcher.spool import Finish, Incoming, Row, Spool, Start, now
 from dispatcher.transport import Attempt, SmtpConnection
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Daemon:
         receipts: defaultdict[str, list[str]] = defaultdict(list)
         for frame in frames:
             try:
-                request = self.accept(frame)
+                incoming = self.accept(frame)
             except InvalidRequest as exc:
                 rejected.append((str(exc), frame))
                 log.warning("rejected: %s (frame of %d bytes)", exc, len(frame))
@@ -196,9 +196,9 @@ class Daemon:
                 if sender:  # recorded as rejected: the client must not send it forever
                     receipts[sender[0]].append(sender[1])
                 continue
-            accepted.append((request, orjson.dumps(wire.to_fields(request))))
-            if request.client:
-                receipts[request.client].append(request.id)
+            accepted.append(incoming)
+            if incoming.client:
+                receipts[incoming.client].append(incoming.id)
         added = set(self.spool.add(accepted, rejected, now()))
         self.acknowledge(receipts)
         self.log_received(accepted, added)
@@ -207,15 +207,16 @@ class Daemon:
         if added:
             self.wake.set()
 
-    def log_received(self, accepted: list[tuple[wire.Request, bytes]], added: set[str]) -> None:
+    def log_received(self, accepted: list[Incoming], added: set[str]) -> None:
         """One INFO line per batch, one DEBUG line per request: at 50,000 requests a second a
         line each would cost a third of the intake's CPU and overrun journald's rate limit."""
         debug = log.isEnabledFor(logging.DEBUG)
-        for request, _ in accepted:
+        for request in accepted:
             if request.id not in added:
                 log.info("duplicate %s ignored: the spool already holds it", request.id)
             elif debug:
-                domain = request.to[0].addr_spec.rpartition("@")[2] if request.to else "?"
+                to = orjson.loads(request.request)["to"]
+                domain = (to if isinstance(to, str) else to[0]).rpartition("@")[2].rstrip(">")
                 log.debug("received %s template=%s domain=%s", request.id, request.template, domain)
         if added:
             log.info("received %d requests", len(added))
@@ -272,11 +273,17 @@ class Daemon:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)
 
-    def accept(self, frame: bytes) -> wire.Request:
-        request = wire.decode(frame)
-        if not self.renderer.has_template(request.template):
-            raise InvalidRequest(f"template: unknown template {request.template!r}")
-        return request
+    def accept(self, frame: bytes) -> Incoming:
+        """Check a frame (`wire.check`: a few µs; the full validation runs when it is rendered,
+        in a render worker) and make it a row for the spool."""
+        fields = wire.parse(frame)
+        wire.check(fields, len(frame))
+        if not self.renderer.has_template(fields["template"]):
+            raise InvalidRequest(f"template: unknown template {fields['template']!r}")
+        if fields.get("id") is None:  # a foreign sender may leave naming it to us
+            fields["id"] = wire.new_id()
+            frame = orjson.dumps(fields)
+        return Incoming.from_fields(fields, frame)
 
     # -- delivery ----------------------------------------------------------------------
 

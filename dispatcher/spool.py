@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import orjson
 
 from dispatcher.errors import StartupError
 from dispatcher.permissions import private_dir, private_file
-from dispatcher.wire import PRIORITIES, Request
+from dispatcher.wire import PRIORITIES, Request, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
@@ -84,6 +85,39 @@ class Row:
     refused: dict[str, str]
     message: bytes | None
     message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A request as intake stores it: its frame, and the columns the queue is ordered by."""
+
+    id: str
+    template: str
+    request: bytes  # the frame's JSON, checked at intake; fully validated when rendered
+    priority: int = PRIORITIES["normal"]
+    due: float | None = None  # `send_at` as a timestamp; None: at once
+    idempotency_key: str | None = None
+    client: str | None = None  # who gets the receipt; not stored
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], frame: bytes) -> "Incoming":
+        """From a frame that passed `wire.check` and names its id."""
+        send_at = fields.get("send_at")
+        return cls(
+            id=fields["id"],
+            template=fields["template"],
+            request=frame,
+            priority=PRIORITIES[fields.get("priority") or "normal"],
+            due=datetime.fromisoformat(send_at).timestamp() if send_at else None,
+            idempotency_key=fields.get("idempotency_key"),
+            client=fields.get("client"),
+        )
+
+    @classmethod
+    def of(cls, request: Request) -> "Incoming":
+        """A validated request in its wire form (for tools and tests)."""
+        fields = to_fields(request)
+        return cls.from_fields(fields, orjson.dumps(fields))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +218,7 @@ class Spool:
 
     def add(
         self,
-        requests: Sequence[tuple[Request, bytes]],
+        requests: Sequence[Incoming],
         rejections: Sequence[tuple[str, bytes]],
         now: float,
     ) -> list[str]:
@@ -194,16 +228,16 @@ class Spool:
         """
         rows = [
             (
-                request.id,
-                request.idempotency_key,
-                request.template,
-                fields,
-                PRIORITIES[request.priority],
+                r.id,
+                r.idempotency_key,
+                r.template,
+                r.request,
+                r.priority,
                 now,
-                request.send_at.timestamp() if request.send_at else now,
+                now if r.due is None else r.due,
                 now,
             )
-            for request, fields in requests
+            for r in requests
         ]
         with self.transaction() as db:
             before = db.total_changes

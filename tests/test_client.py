@@ -285,18 +285,19 @@ def test_a_wrong_receipts_address_is_reported_and_nothing_is_lost(
         fake.close()
 
 
-def test_an_address_only_email_validator_refuses_is_rejected_by_the_daemon_not_lost(
+def test_an_address_only_email_validator_refuses_is_dead_with_the_reason_not_lost(
     tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
 ) -> None:
-    """The client checks an address's shape only; the daemon's full check records the rest as
-    rejected, with the reason, and still acknowledges it so the client does not resend it."""
+    """Client and intake check an address's shape only; the full check runs when the request
+    is rendered and makes it dead, with the reason. It is acknowledged, so never re-sent."""
     daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
     dispatcher.configure(daemon.settings_path)
     try:
         label = "x" * 64  # a DNS label is at most 63 characters: not a shape the client checks
-        dispatcher.enqueue_email("welcome", to=f"ada@{label}.com", context={})
+        request_id = dispatcher.enqueue_email("welcome", to=f"ada@{label}.com", context={})
         assert dispatcher.flush(10.0) is True  # acknowledged: not re-sent, not spilled
     finally:
         client._state.close()
-    daemon.wait_for_counts(rejected=1)
-    daemon.wait_for_log(f"rejected: to[0]: 'ada@{label}.com' is not a valid address")
+    daemon.wait_for_counts(dead=1, rejected=0)
+    daemon.wait_for_log(f"dead {request_id} template=welcome: to[0]: 'ada@{label}.com' is not")
+    assert smtp_server.messages == []

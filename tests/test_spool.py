@@ -5,19 +5,18 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 import pytest
 
 from dispatcher import wire
 from dispatcher.errors import StartupError
-from dispatcher.spool import Spool, Start
+from dispatcher.spool import Incoming, Spool, Start
 
 
-def request(request_id: str, **fields: object) -> tuple[wire.Request, bytes]:
+def request(request_id: str, **fields: object) -> Incoming:
     parsed = wire.validate(
         {"v": 1, "id": request_id, "template": "welcome", "to": "a@example.com", **fields}
     )
-    return parsed, orjson.dumps(wire.to_fields(parsed))
+    return Incoming.of(parsed)
 
 
 def test_an_id_or_idempotency_key_already_held_is_ignored(tmp_path: Path) -> None:
