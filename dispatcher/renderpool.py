@@ -56,10 +56,10 @@ def render_stored(renderer: Renderer, stored: bytes) -> Result:
         return Failed(f"internal error: {type(exc).__name__}: {exc}", permanent=False)
 
 
-def _start(templates_dir: Path, mail_from: str) -> None:
+def _start(templates_dir: Path, mail_from: str, daemon: int) -> None:
     global _worker_renderer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
     _worker_renderer = Renderer(templates_dir, mail_from)
 
 
@@ -118,7 +118,9 @@ class RenderPool:
                 self.processes,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start,
-                initargs=(self.renderer.templates_dir, self.mail_from),
+                # The daemon's pid, not the worker's getppid(): a daemon killed while the
+                # worker was still starting has already been replaced by init there.
+                initargs=(self.renderer.templates_dir, self.mail_from, os.getpid()),
             )
         return self.pool
 

@@ -91,3 +91,12 @@ def test_render_workers_end_when_the_daemon_is_killed(
     [worker] = children(daemon.process.pid)
     daemon.kill()
     wait_until(lambda: not alive(worker))
+
+
+def test_a_worker_still_starting_when_the_daemon_is_killed_ends_too(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    [worker] = children(daemon.process.pid)  # spawned with the daemon, importing still
+    daemon.kill()
+    wait_until(lambda: not alive(worker))
