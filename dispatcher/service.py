@@ -289,49 +289,39 @@ class Daemon:
 
     async def feed(self) -> None:
         """Hand due requests to the workers, rendered; sleep until the next is due or intake
-        wakes us. A batch renders (in the render processes) while the workers send the last.
-
-        Every finished send wakes the feeder, but it reads the spool only once half a batch
-        has left the queue: a query per message cost more than the message's own bookkeeping.
-        """
+        wakes us. A batch renders (in the render processes) while the workers send the last."""
         while True:
             self.wake.clear()
-            room = self.batch - self.queue.qsize()
+            rows = self.spool.due(now(), self.batch, self.in_hand)
+            self.in_hand.update(row.id for row in rows)
+            waiting = {row.id for row in rows}  # in hand, not yet with a worker
+            started: dict[str, Start] = {}
+            try:
+                ready = await self.prepare(rows)
+                at = now()
+                started = {row.id: Start(row, row.attempts + 1, at) for row in ready}
+                self.journal.start(list(started.values()))  # one transaction for the batch
+                for row in ready:
+                    await self.queue.put(row)
+                    waiting.discard(row.id)
+                    del started[row.id]
+            except BaseException:  # cancelled at shutdown: these wait in the spool as before
+                self.in_hand.difference_update(waiting)
+                self.spool.release(list(started.values()))
+                raise
+            if rows:
+                continue
+            # Nothing due outside the workers' hands. A due time already past belongs to a row
+            # they hold: a worker finishing wakes us, so waiting for that is not a busy loop.
+            next_due, current = self.spool.next_due_at(), now()
             timeout = IDLE_WAKE
-            if room >= self.batch // 2:
-                rows = self.spool.due(now(), room, self.in_hand)
-                if rows:
-                    await self.hand_over(rows)
-                    continue
-                # Nothing due outside the workers' hands. A due time already past belongs to a
-                # row they hold: a worker finishing wakes us, so that is not a busy loop.
-                next_due, current = self.spool.next_due_at(), now()
-                if next_due is not None and next_due > current:
-                    timeout = min(IDLE_WAKE, next_due - current)
+            if next_due is not None and next_due > current:
+                timeout = min(IDLE_WAKE, next_due - current)
             # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
             # arrives as the event is set, and the feeder then outlived shutdown by IDLE_WAKE.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.wake.wait()
-
-    async def hand_over(self, rows: list[Row]) -> None:
-        """Render a batch, commit its starts in one transaction, queue it for the workers."""
-        self.in_hand.update(row.id for row in rows)
-        waiting = {row.id for row in rows}  # in hand, not yet with a worker
-        started: dict[str, Start] = {}
-        try:
-            ready = await self.prepare(rows)
-            at = now()
-            started = {row.id: Start(row, row.attempts + 1, at) for row in ready}
-            self.journal.start(list(started.values()))
-            for row in ready:
-                await self.queue.put(row)
-                waiting.discard(row.id)
-                del started[row.id]
-        except BaseException:  # cancelled at shutdown: these wait in the spool as before
-            self.in_hand.difference_update(waiting)
-            self.spool.release(list(started.values()))
-            raise
 
     async def work(self) -> None:
         """One delivery worker with its own SMTP connection, kept open between messages."""
