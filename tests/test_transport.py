@@ -225,6 +225,20 @@ def test_all_recipients_refused_are_refused_each_with_its_reply(smtp_server: Smt
     assert smtp_server.messages == []
 
 
+def test_after_every_recipient_is_refused_the_connection_carries_the_next_message(
+    smtp_server: SmtpServer,
+) -> None:
+    smtp_server.refuse_recipient(ADA)
+
+    refused, after = deliver_all(
+        settings_for(smtp_server.port), ([ADA], message()), ([BOB], message(to=[BOB]))
+    )
+
+    assert set(refused.refused) == {ADA}
+    assert after.delivered == (BOB,)  # the envelope was reset: no "503 nested MAIL"
+    assert smtp_server.connections_opened == 1
+
+
 def test_mixed_refusals_split_into_refused_and_deferred(smtp_server: SmtpServer) -> None:
     smtp_server.refuse_recipient(ADA)
     smtp_server.refuse_recipient(BOB, "450 4.2.0 Greylisted")
