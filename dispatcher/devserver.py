@@ -86,7 +86,7 @@ async def develop(settings: Settings, port: int) -> None:
         )
         preview = PreviewServer(settings, port, outbox)
         try:
-            daemon = Daemon(settings)
+            daemon = Daemon(settings, auto_reload=True)  # edits show in the next mail
             preview.start()
             try:
                 await daemon.run(stop)

@@ -56,11 +56,11 @@ def render_stored(renderer: Renderer, stored: bytes) -> Result:
         return Failed(f"internal error: {type(exc).__name__}: {exc}", permanent=False)
 
 
-def _start(templates_dir: Path, mail_from: str, daemon: int) -> None:
+def _start(templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int) -> None:
     global _worker_renderer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
-    _worker_renderer = Renderer(templates_dir, mail_from)
+    _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -79,8 +79,11 @@ def _render_batch(batch: list[bytes]) -> list[Result]:
 class RenderPool:
     """Renders batches of stored requests in `processes` workers (0: on the event loop)."""
 
-    def __init__(self, templates_dir: Path, mail_from: str, processes: int) -> None:
-        self.renderer = Renderer(templates_dir, mail_from)
+    def __init__(
+        self, templates_dir: Path, mail_from: str, processes: int, *, auto_reload: bool = False
+    ) -> None:
+        self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+        self.auto_reload = auto_reload
         self.mail_from = mail_from
         self.processes = processes
         self.pool: ProcessPoolExecutor | None = None
@@ -120,7 +123,12 @@ class RenderPool:
                 initializer=_start,
                 # The daemon's pid, not the worker's getppid(): a daemon killed while the
                 # worker was still starting has already been replaced by init there.
-                initargs=(self.renderer.templates_dir, self.mail_from, os.getpid()),
+                initargs=(
+                    self.renderer.templates_dir,
+                    self.mail_from,
+                    self.auto_reload,
+                    os.getpid(),
+                ),
             )
         return self.pool
 

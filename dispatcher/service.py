@@ -92,12 +92,17 @@ def decide(attempt: Attempt, row: Row, number: int, settings: Settings, at: floa
 class Daemon:
     """The running service: sockets, spool, renderer and the tasks that connect them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, auto_reload: bool = False) -> None:
+        """`auto_reload`: templates edited while it runs are used for the next render
+        (`dispatcher dev`); a production daemon compiles each template once."""
         self.settings = settings
         if not settings.templates.dir.is_dir():
             raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renders = RenderPool(
-            settings.templates.dir, settings.mail.from_, settings.templates.render_processes
+            settings.templates.dir,
+            settings.mail.from_,
+            settings.templates.render_processes,
+            auto_reload=auto_reload,
         )
         self.renderer = self.renders.renderer  # intake's "is there such a template?"
         for key in ("bind", "acks"):

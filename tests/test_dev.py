@@ -4,6 +4,7 @@ mail with `dispatcher send` and finds it on the Outbox page; Ctrl-C stops everyt
 import email
 import email.policy
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -119,3 +120,18 @@ def test_dev_refuses_to_capture_on_a_remote_smtp_host(tmp_path: Path) -> None:
     assert_one_line_error(
         run_cli("dev", "--port", "0", settings=settings), "must be a loopback address"
     )
+
+
+def test_a_template_edited_while_dev_runs_is_used_for_the_next_mail(
+    start_ui: StartUi, tmp_path: Path
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    settings = write_settings(tmp_path, free_port(), templates={"dir": str(templates)})
+    ui = start_ui("dev", settings)
+    assert run_cli("send", "welcome", "--to", "me@example.com", settings=settings).returncode == 0
+    wait_for_outbox(ui, 1)
+    (templates / "welcome" / "subject.txt").write_text("Edited for {{ name }}\n")
+    assert run_cli("send", "welcome", "--to", "me@example.com", settings=settings).returncode == 0
+    newest, _ = wait_for_outbox(ui, 2)
+    assert '<h1 class="subject">Edited for Ada</h1>' in ui.get(f"/outbox/{newest}").text
