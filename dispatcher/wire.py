@@ -218,13 +218,7 @@ def _check_options(fields: dict[str, Any]) -> None:
 
 def decode(frame: bytes) -> Request:
     """Parse and validate one frame from the socket; every failure is an `InvalidRequest`."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise RequestTooLarge(f"frame is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES}")
-    try:
-        fields = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"not a JSON object: {exc}") from None
-    return validate(fields)
+    return validate(parse(frame))
 
 
 def sender_of(frame: bytes) -> tuple[str, str] | None:
