@@ -323,14 +323,6 @@ class Spool:
         (when,) = self.db.execute(f"select min(at) from ({firsts})").fetchone()
         return float(when) if when is not None else None
 
-    def start_attempt(self, row: Row, number: int, now: float) -> None:
-        """Mark one request as in flight (see `record`)."""
-        self.record([Start(row, number, now)], [])
-
-    def finish(self, request_id: str, state: str, *, now: float, reply: str, **rest: Any) -> None:
-        """Record one request's outcome (see `record` and `Finish`)."""
-        self.record([], [Finish(request_id, state, now, reply, **rest)])
-
     def record(self, starts: Sequence[Start], finishes: Sequence[Finish]) -> None:
         """Delivery bookkeeping of many requests in one transaction (a group commit).
 

@@ -9,7 +9,7 @@ import pytest
 import dispatcher
 from dispatcher import client, wire
 from dispatcher.admin import duration, parse_age
-from dispatcher.spool import Incoming, Spool
+from dispatcher.spool import Finish, Incoming, Spool
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -181,8 +181,8 @@ def test_purge_measures_age_from_when_the_request_reached_its_state(tmp_path: Pa
                 {"v": 1, "id": request_id, "template": "welcome", "to": "a@example.com"}
             )
             spool.add([Incoming.of(parsed)], [], 0.0)
-        spool.finish("old", "sent", now=1000.0, reply="250 ok")
-        spool.finish("new", "sent", now=5000.0, reply="250 ok")
+        spool.record([], [Finish("old", "sent", 1000.0, "250 ok")])
+        spool.record([], [Finish("new", "sent", 5000.0, "250 ok")])
         assert spool.purge("sent", older_than=3600, now=5000.0) == 1  # only "old": 4000 s
         assert spool.inspect("old") is None and spool.inspect("new") is not None
         assert spool.purge("sent", older_than=None, now=5000.0) == 1
@@ -208,5 +208,5 @@ def test_purge_with_a_limit_deletes_at_most_that_many_per_call(tmp_path: Path) -
         for i in range(5):
             parsed = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
             spool.add([Incoming.of(parsed)], [], 0.0)
-            spool.finish(f"r{i}", "sent", now=10.0, reply="250 ok")
+            spool.record([], [Finish(f"r{i}", "sent", 10.0, "250 ok")])
         assert [spool.purge("sent", 5, 100.0, limit=2) for _ in range(4)] == [2, 2, 1, 0]

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from dispatcher import overflow
-from dispatcher.spool import Spool
+from dispatcher.spool import Finish, Spool
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 from tests.test_spool import request
@@ -121,9 +121,9 @@ def test_sent_requests_older_than_keep_sent_are_pruned_at_start(
     settings = write_settings(tmp_path, smtp_server.port, spool={"keep_sent": 3600})
     with Spool(tmp_path / "spool.sqlite3") as spool:
         spool.add([request("ancient"), request("recent"), request("gone")], [], 1.0)
-        spool.finish("ancient", "sent", now=time.time() - 7200, reply="250 ok")
-        spool.finish("recent", "sent", now=time.time(), reply="250 ok")
-        spool.finish("gone", "dead", now=time.time() - 7200, reply="550 no")
+        spool.record([], [Finish("ancient", "sent", time.time() - 7200, "250 ok")])
+        spool.record([], [Finish("recent", "sent", time.time(), "250 ok")])
+        spool.record([], [Finish("gone", "dead", time.time() - 7200, "550 no")])
     daemon = start_daemon(settings)
     daemon.wait_for_log("pruned 1 sent requests older than 3600 s")
     with Spool(tmp_path / "spool.sqlite3") as spool:

@@ -9,7 +9,7 @@ import pytest
 
 from dispatcher import wire
 from dispatcher.errors import StartupError
-from dispatcher.spool import Incoming, Spool, Start
+from dispatcher.spool import Finish, Incoming, Spool, Start
 
 
 def request(request_id: str, **fields: object) -> Incoming:
@@ -69,7 +69,7 @@ def test_a_send_in_flight_at_a_crash_goes_again_flagged_duplicate(tmp_path: Path
             message=b"bytes",
             message_id="<a@example.com>",
         )
-        spool.start_attempt(row, 1, 3.0)
+        spool.record([Start(row, 1, 3.0)], [])
     with Spool(path) as spool:  # the "restarted daemon"
         assert spool.requeue_interrupted(4.0) == 1
         (again,) = spool.due(4.0, 1, set())
@@ -104,9 +104,9 @@ def test_an_unopenable_spool_is_a_startup_error(tmp_path: Path) -> None:
 def test_purge_deletes_old_rows_of_one_state_with_their_attempts(tmp_path: Path) -> None:
     with Spool(tmp_path / "s.db") as spool:
         spool.add([request(i) for i in ("old", "new", "dead")], [], 1.0)
-        spool.finish("old", "sent", now=100.0, reply="250 ok")
-        spool.finish("new", "sent", now=900.0, reply="250 ok")
-        spool.finish("dead", "dead", now=100.0, reply="550 no")
+        spool.record([], [Finish("old", "sent", 100.0, "250 ok")])
+        spool.record([], [Finish("new", "sent", 900.0, "250 ok")])
+        spool.record([], [Finish("dead", "dead", 100.0, "550 no")])
         spool.db.execute("insert into attempts values ('old', 1, 99.0, 100.0, 'sent', 250, 'ok')")
         assert spool.purge("sent", 500.0, now=1000.0) == 1
         assert spool.counts()["sent"] == 1 and spool.counts()["dead"] == 1
