@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dispatcher import client
 from dispatcher.settings import Settings, load_settings
 from dispatcher.spool import Spool
 
@@ -137,6 +138,14 @@ def run_cli(*args: str, settings: Path | None = None) -> subprocess.CompletedPro
     if settings is not None:
         command += ["--settings", str(settings)]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def fresh_client() -> Iterator[None]:
+    """Closes this process's `enqueue_email()` client after the test, so the next test's
+    `configure()` starts from nothing."""
+    yield
+    client._state.close()
 
 
 @pytest.fixture

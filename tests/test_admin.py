@@ -1,13 +1,13 @@
 """Queue administration (`status`, `inspect`, `retry`, `purge`) on a running daemon's spool."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
 import dispatcher
-from dispatcher import client, wire
+from dispatcher import wire
 from dispatcher.admin import duration, parse_age
 from dispatcher.spool import Finish, Incoming, Spool
 from tests.daemon import DaemonProcess, run_cli, write_settings
@@ -17,10 +17,7 @@ StartDaemon = Callable[..., DaemonProcess]
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_client() -> Iterator[None]:
-    yield
-    client._state.close()
+pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
 def enqueue(daemon: DaemonProcess, *recipients: str) -> list[str]:

@@ -1,7 +1,7 @@
 """End to end: enqueue_email() -> real daemon process -> SQLite spool -> real SMTP server."""
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,7 +10,6 @@ import pytest
 import zmq
 
 import dispatcher
-from dispatcher import client
 from dispatcher.spool import Spool
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
@@ -20,10 +19,7 @@ NAME = "Zoë <b>O'Brien</b> & Søn"
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_client() -> Iterator[None]:
-    yield
-    client._state.close()
+pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
 def enqueue(daemon: DaemonProcess, n: int, **kwargs: object) -> list[str]:

@@ -1,14 +1,13 @@
 """The daemon's log: one line per event, with what an operator greps for; journald-friendly."""
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import zmq
 
 import dispatcher
-from dispatcher import client
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -18,10 +17,7 @@ STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING
 UNSTAMPED = re.compile(r"^(DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
 
 
-@pytest.fixture(autouse=True)
-def fresh_client() -> Iterator[None]:
-    yield
-    client._state.close()
+pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
 def test_every_event_is_one_line_with_id_template_domain_code_and_attempt(

@@ -3,13 +3,12 @@
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import dispatcher
-from dispatcher import client
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -17,10 +16,7 @@ StartDaemon = Callable[..., DaemonProcess]
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_client() -> Iterator[None]:
-    yield
-    client._state.close()
+pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
 def children(pid: int) -> list[int]:
