@@ -3,7 +3,7 @@
 import time
 from pathlib import Path
 
-from dispatcher.spool import Spool
+from dispatcher.spool.sqlite import SqliteReader
 
 # The welcome template's context, with characters that need escaping and encoding.
 CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}
@@ -12,7 +12,7 @@ CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/a
 def wait_stored(spool_path: Path, total: int, timeout: float = 120) -> None:
     """Bounded poll until the spool holds `total` requests, whatever their state."""
     deadline = time.monotonic() + timeout
-    with Spool.reader(spool_path) as spool:
+    with SqliteReader(spool_path) as spool:
         while True:
             (stored,) = spool.db.execute("select count(*) from requests").fetchone()
             if stored >= total:

@@ -42,7 +42,7 @@ import dispatcher  # noqa: E402
 from benchmarks.common import CONTEXT  # noqa: E402
 from dispatcher import client  # noqa: E402
 from dispatcher.render import Renderer  # noqa: E402
-from dispatcher.spool import Spool  # noqa: E402
+from dispatcher.spool.sqlite import SqliteReader  # noqa: E402
 from dispatcher.wire import validate  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 from tests.smtp_server import free_port  # noqa: E402
@@ -137,7 +137,7 @@ def wait_sent(spool_path: Path, total: int, pid: int) -> float:
     """Bounded poll until `total` requests are sent; returns when the last one was recorded
     (its `updated_at`), so the poll can be slow and cheap and take no CPU from the daemon."""
     deadline = time.monotonic() + WAIT_LIMIT
-    with Spool.reader(spool_path) as spool:
+    with SqliteReader(spool_path) as spool:
         while True:
             sent, failed = spool.db.execute(
                 "select (select count(*) from requests where state = 'sent'),"

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import CONTEXT  # noqa: E402
 from benchmarks.delivery import free_port, server, slow_server  # noqa: E402
 from dispatcher import wire  # noqa: E402
-from dispatcher.spool import Incoming, Spool, now  # noqa: E402
+from dispatcher.spool import Incoming, now  # noqa: E402
+from dispatcher.spool.sqlite import SqliteReader, SqliteSpool  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 
 WAIT_LIMIT = 600.0
@@ -60,7 +61,7 @@ def frame(i: int) -> bytes:
 def storage_ceiling(folder: Path, total: int) -> float:
     """Rows per second `Spool.add` commits with nothing else to do."""
     rows = [Incoming.of(wire.decode(frame(i))) for i in range(total)]
-    with Spool(folder / "ceiling.sqlite3") as spool:
+    with SqliteSpool(folder / "ceiling.sqlite3", "bench") as spool:
         start = time.perf_counter()
         for first in range(0, total, 1000):
             spool.add(rows[first : first + 1000], [], now())
@@ -79,7 +80,7 @@ def wait_stored(daemon: DaemonProcess, total: int) -> float:
     `total` requests; returns the rate at which they were committed, from their own
     `created_at` (each batch's commit time), so the polling does not blur it."""
     deadline = time.monotonic() + WAIT_LIMIT
-    with Spool.reader(daemon.settings.spool.path) as spool:
+    with SqliteReader(daemon.settings.spool.path) as spool:
         while True:
             (stored,) = spool.db.execute("select count(*) from requests").fetchone()
             if stored >= total:

@@ -4,7 +4,7 @@ Run from the repository root, in the project's venv (with the test extra install
 
     python benchmarks/operations.py [--rows 100000] [--retries 5]
 
-1. Spool queries on a spool of `--rows` sent requests: the feeder's idle wake-up (`due` +
+1. Spool queries on a spool of `--rows` sent requests: the feeder's idle wake-up (`claim` +
    `next_due_at`, once a second), the watchdog's STATUS figure (`waiting`), and the counts a
    metrics scrape or `dispatcher status` reads (`counts`).
 2. `dispatcher retry ID` of a dead request against a running daemon, timed until the message
@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
 from dispatcher import client, wire  # noqa: E402
-from dispatcher.spool import Incoming, Spool  # noqa: E402
+from dispatcher.spool import Incoming  # noqa: E402
+from dispatcher.spool.sqlite import SqliteSpool  # noqa: E402
 from tests.daemon import DaemonProcess, run_cli, write_settings  # noqa: E402
 from tests.smtp_server import SmtpServer  # noqa: E402
 
@@ -32,7 +33,10 @@ CONTEXT = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
 def spool_queries(rows: int) -> None:
-    with tempfile.TemporaryDirectory() as folder, Spool(Path(folder) / "spool.sqlite3") as spool:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        SqliteSpool(Path(folder) / "spool.sqlite3", "bench") as spool,
+    ):
         batch = []
         for i in range(rows):
             request = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
@@ -41,11 +45,11 @@ def spool_queries(rows: int) -> None:
         spool.db.execute("update requests set state = 'sent'")
 
         def wake_up() -> None:
-            spool.due(time.time(), 8, set())
+            spool.claim(time.time(), 8)
             spool.next_due_at()
 
         calls: list[tuple[str, Callable[[], Any], int]] = [
-            ("feeder wake-up (due + next_due_at)", wake_up, 200),
+            ("feeder wake-up (claim + next_due_at)", wake_up, 200),
             ("waiting (STATUS=)", spool.waiting, 200),
             ("counts (scrape, status)", spool.counts, 20),
         ]

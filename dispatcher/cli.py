@@ -18,18 +18,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, UsageError
 from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from dispatcher.render import Renderer
-    from dispatcher.spool import Spool
+    from dispatcher.spool import Reader, Spool
 
 log = logging.getLogger("dispatcher")
-
-
-class UsageError(DispatcherError):
-    """Raised for a command-line mistake that is not about settings."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,18 +193,25 @@ def _template_context(
     return {**samples[sample], **context}, sample
 
 
-def _open_spool(settings: Settings) -> "Spool":
-    from dispatcher.spool import Spool
+def _open_reader(settings: Settings) -> "Reader":
+    """For reports: never takes the write lock, so it neither waits for nor stalls a daemon."""
+    from dispatcher.spool import open_reader
 
-    if not settings.spool.path.exists():
-        raise UsageError(f"no spool at {settings.spool.path} (has the daemon ever run?)")
-    return Spool(settings.spool.path)
+    return open_reader(settings.spool)
+
+
+def _open_spool(settings: Settings) -> "Spool":
+    """For administration, which writes: `retry` and `purge`."""
+    from dispatcher.spool import open_reader, open_spool
+
+    open_reader(settings.spool).close()  # a missing spool is an error, not a new empty one
+    return open_spool(settings.spool, owner=f"admin pid {os.getpid()}")
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.admin import status_table
 
-    with _open_spool(settings) as spool:
+    with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
     age = None if oldest is None else round(time.time() - oldest, 1)
     if args.json:
@@ -227,7 +230,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 def inspect(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.admin import inspect_report
 
-    with _open_spool(settings) as spool:
+    with _open_reader(settings) as spool:
         report = spool.inspect(args.id)
     if report is None:
         raise UsageError(f"no request {args.id!r} in {settings.spool.path}")

@@ -35,3 +35,11 @@ class TemplateError(DispatcherError):
 
 class StartupError(DispatcherError):
     """Raised when the daemon cannot start: a socket cannot be bound, the spool not opened."""
+
+
+class SpoolError(DispatcherError):
+    """Raised when the spool cannot be opened or read: missing, unreadable, or of a newer schema."""
+
+
+class UsageError(DispatcherError, ValueError):
+    """Raised when a command is used wrongly: a bad option, or a request or sample not there."""

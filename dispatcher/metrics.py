@@ -1,25 +1,24 @@
 """The Prometheus endpoint (`metrics.bind`): what the daemon did, and what waits in its spool.
 
 Counters and histograms are updated by the daemon as events happen. The queue figures are
-read from the spool when Prometheus scrapes, on the HTTP server's thread, over a read-only
-connection of their own: SQLite's WAL lets that reader run beside the daemon's writes, and the
-figures are as fresh as the scrape. Each daemon has its own registry, never the global one.
+read from the spool when Prometheus scrapes, on the HTTP server's thread, through a reader of
+their own that never waits for the daemon's writes, so the figures are as fresh as the scrape.
+Each daemon has its own registry, never the global one.
 """
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dispatcher.errors import DispatcherError, StartupError
-from dispatcher.spool import STATES, Spool
+from dispatcher.errors import StartupError
+from dispatcher.settings import SpoolSettings
+from dispatcher.spool import STATES, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 
 class Metrics:
     """The daemon's metrics, served over HTTP on loopback once `serve()` is called."""
 
-    def __init__(self, spool_path: Path, open_connections: Callable[[], int]) -> None:
+    def __init__(self, spool: SpoolSettings, open_connections: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "dispatcher_messages",
@@ -62,7 +61,7 @@ class Metrics:
             "SMTP connections open now",
             registry=self.registry,
         ).set_function(open_connections)
-        self.registry.register(SpoolCollector(spool_path))
+        self.registry.register(SpoolCollector(spool))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -86,14 +85,14 @@ class Metrics:
 class SpoolCollector(Collector):
     """Queue depth by state and the age of the oldest waiting request, read at scrape time."""
 
-    def __init__(self, spool_path: Path) -> None:
-        self.spool_path = spool_path
+    def __init__(self, spool: SpoolSettings) -> None:
+        self.spool = spool
 
     def collect(self) -> Iterator[Metric]:
         try:
-            with Spool.reader(self.spool_path) as spool:
+            with open_reader(self.spool) as spool:
                 counts, oldest = spool.counts(), spool.oldest_waiting()
-        except (sqlite3.Error, DispatcherError) as exc:
+        except Exception as exc:  # a scrape reports what it can; the daemon goes on
             log.warning("metrics: cannot read the spool: %s", exc)
             return
         depth = GaugeMetricFamily(

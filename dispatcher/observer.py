@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher.notify import Notifier
 from dispatcher.settings import Settings
-from dispatcher.spool import Spool
+from dispatcher.spool import Reader
 from dispatcher.transport import SmtpConnection
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class Observer:
     """Counts events and reports them; every method is cheap and never raises for I/O."""
 
-    def __init__(self, settings: Settings, spool: Spool) -> None:
+    def __init__(self, settings: Settings, spool: Reader) -> None:
         self.settings = settings
         self.spool = spool
         self.counts: Counter[str] = Counter()
@@ -32,7 +32,7 @@ class Observer:
         if settings.metrics.bind is not None:
             from dispatcher import metrics  # prometheus-client only when asked for
 
-            self.metrics = metrics.Metrics(settings.spool.path, self.open_connections)
+            self.metrics = metrics.Metrics(settings.spool, self.open_connections)
 
     def open_connections(self) -> int:
         return sum(1 for connection in self.connections if connection.is_open)

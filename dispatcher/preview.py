@@ -30,11 +30,11 @@ from urllib.parse import quote, unquote, urlsplit
 
 import jinja2
 
-from dispatcher.errors import InvalidRequest, StartupError, TemplateError
+from dispatcher.errors import InvalidRequest, SpoolError, StartupError, TemplateError
 from dispatcher.outbox import Outbox
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
-from dispatcher.spool import Spool
+from dispatcher.spool import open_reader
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PreviewApp:
         self.renderer = Renderer(settings.templates.dir, settings.mail.from_, auto_reload=True)
         self.outbox = outbox
         # With an Outbox, the dev daemon's spool too: what it could not deliver is shown there.
-        self.spool_path = settings.spool.path if outbox is not None else None
+        self.spool = settings.spool if outbox is not None else None
         self._lock = threading.Lock()  # one render at a time: Jinja's cache is shared
         self._pages = jinja2.Environment(
             loader=jinja2.PackageLoader("dispatcher", "ui"),
@@ -222,11 +222,9 @@ class PreviewApp:
             digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
         if self.outbox is not None:
             digest.update(self.outbox.version().encode())
-        if self.spool_path is not None:  # a request died or was rejected: the Outbox says so
-            for spool_file in (self.spool_path, Path(f"{self.spool_path}-wal")):
-                with contextlib.suppress(FileNotFoundError):
-                    written = spool_file.stat()
-                    digest.update(f"{written.st_mtime_ns}\0{written.st_size}\n".encode())
+        if self.spool is not None:  # a request died or was rejected: the Outbox says so
+            with contextlib.suppress(SpoolError), open_reader(self.spool) as spool:
+                digest.update(spool.failures_mark().encode())
         return Response(
             digest.hexdigest()[:16].encode(),
             "text/plain; charset=utf-8",
@@ -306,10 +304,13 @@ class PreviewApp:
     def _failures(self) -> list[dict[str, Any]]:
         """The newest dead requests and rejected frames of the dev daemon: without them, a
         request with a template error would leave no trace in the browser."""
-        if self.spool_path is None or not self.spool_path.exists():
+        if self.spool is None:
             return []
-        with Spool(self.spool_path) as spool:
-            return spool.recent_failures(FAILURES_LISTED)
+        try:
+            with open_reader(self.spool) as spool:
+                return spool.recent_failures(FAILURES_LISTED)
+        except SpoolError:  # no mail sent yet
+            return []
 
     def _outbox(self) -> Outbox:
         if self.outbox is None:

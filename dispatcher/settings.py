@@ -69,6 +69,7 @@ class SpoolSettings:
 
     path: Path = Path("var/spool.sqlite3")
     keep_sent: float = 604800.0  # seconds a sent request stays for inspection (7 days)
+    lease: float = 60.0  # seconds a daemon's claim on a request lasts unless it renews it
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +333,8 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("client.ack_timeout must be positive and client.exit_wait >= 0")
     if settings.spool.keep_sent < 0:
         raise SettingsError("spool.keep_sent: must be 0 or more seconds")
+    if settings.spool.lease < 5:
+        raise SettingsError("spool.lease: must be at least 5 seconds")
     for key, curve in [
         ("intake.curve", settings.intake.curve),
         ("client.curve", settings.client.curve),

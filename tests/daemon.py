@@ -15,7 +15,7 @@ import yaml
 
 from dispatcher import client
 from dispatcher.settings import Settings, load_settings
-from dispatcher.spool import Spool
+from dispatcher.spool.sqlite import SqliteReader
 
 ROOT = Path(__file__).parents[1]
 START_TIMEOUT = 30.0
@@ -106,7 +106,7 @@ class DaemonProcess:
                 self._changed.wait(left)
 
     def counts(self) -> dict[str, int]:
-        with Spool(self.settings.spool.path) as spool:
+        with SqliteReader(self.settings.spool.path) as spool:
             return spool.counts()
 
     def wait_for_counts(self, timeout: float = 20.0, **expected: int) -> dict[str, int]:

@@ -9,7 +9,8 @@ import pytest
 import dispatcher
 from dispatcher import wire
 from dispatcher.admin import duration, parse_age
-from dispatcher.spool import Finish, Incoming, Spool
+from dispatcher.spool import Finish, Incoming
+from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -144,7 +145,7 @@ def test_purge_deletes_sent_or_dead_requests_while_the_daemon_runs(
     assert cli(daemon, "purge", "--sent")[1].strip() == "purged 2 sent requests"
     assert daemon.counts()["sent"] == 0 and daemon.counts()["dead"] == 1
     assert cli(daemon, "inspect", ids[0])[0] == 2
-    with Spool(daemon.settings.spool.path) as spool:
+    with SqliteReader(daemon.settings.spool.path) as spool:
         held = {
             table: spool.db.execute(f"select count(*) from {table}").fetchone()[0]
             for table in ("messages", "attempts")
@@ -162,7 +163,7 @@ def test_purge_deletes_sent_or_dead_requests_while_the_daemon_runs(
 @pytest.mark.parametrize("age", ["7", "d", "-1d", "1w", "1.5.2h", ""])
 def test_a_bad_age_is_a_one_line_error(tmp_path: Path, age: str) -> None:
     settings = write_settings(tmp_path, 1025)
-    Spool(tmp_path / "spool.sqlite3").close()
+    SqliteSpool(tmp_path / "spool.sqlite3", "test").close()
     result = run_cli("purge", "--dead", f"--older-than={age}", settings=settings)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
@@ -172,7 +173,7 @@ def test_a_bad_age_is_a_one_line_error(tmp_path: Path, age: str) -> None:
 
 
 def test_purge_measures_age_from_when_the_request_reached_its_state(tmp_path: Path) -> None:
-    with Spool(tmp_path / "s.db") as spool:
+    with SqliteSpool(tmp_path / "s.db", "test") as spool:
         for request_id in ("old", "new", "waiting"):
             parsed = wire.validate(
                 {"v": 1, "id": request_id, "template": "welcome", "to": "a@example.com"}
@@ -201,7 +202,7 @@ def test_ages_and_durations_read_as_people_write_them() -> None:
 
 
 def test_purge_with_a_limit_deletes_at_most_that_many_per_call(tmp_path: Path) -> None:
-    with Spool(tmp_path / "s.db") as spool:
+    with SqliteSpool(tmp_path / "s.db", "test") as spool:
         for i in range(5):
             parsed = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
             spool.add([Incoming.of(parsed)], [], 0.0)

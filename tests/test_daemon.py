@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 import dispatcher
-from dispatcher.spool import Spool
+from dispatcher.spool.sqlite import SqliteReader
 from tests.daemon import DaemonProcess, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
@@ -213,7 +213,7 @@ def test_a_send_cut_short_by_kill_9_is_sent_again_flagged_duplicate(
     second = start_daemon(settings)
     second.wait_for_counts(sent=1)
     assert "sends were interrupted by a crash" in second.log
-    with Spool(second.settings.spool.path) as spool:
+    with SqliteReader(second.settings.spool.path) as spool:
         (flag,) = spool.db.execute("select maybe_duplicate from requests").fetchone()
     assert flag == 1
     # The server may hold it twice (the slow first copy was accepted), never as two messages.

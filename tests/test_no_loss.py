@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import yaml
 
-from dispatcher.spool import Spool
+from dispatcher.spool.sqlite import SqliteReader
 from tests.daemon import ROOT, DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -149,7 +149,7 @@ def test_two_daemons_share_the_load_and_one_killed_loses_nothing(
     daemons[0].kill()
     ids = enqueued_ids(app, timeout=DEADLINE)
     # What a acknowledged waits in its spool (nothing else is missing) until it is back.
-    with Spool(daemons[0].settings.spool.path) as spool:
+    with SqliteReader(daemons[0].settings.spool.path) as spool:
         held_by_a = set(spool.waiting_ids())
     wait_until(lambda: set(ids) - set(delivered(smtp_server)) <= held_by_a, "b to deliver the rest")
     start_daemon(daemons[0].settings_path)

@@ -2,16 +2,16 @@
 
 import pytest
 
-from dispatcher.service import Dead, Retry, Sent, decide
-from dispatcher.settings import RetrySettings, Settings
+from dispatcher.outcome import Dead, Retry, Sent, decide
+from dispatcher.settings import RetrySettings
 from dispatcher.spool import Row
 from dispatcher.transport import Attempt
 
-SETTINGS = Settings(retry=RetrySettings(attempts=5, backoff=(30.0, 3600.0), max_age=86400.0))
+SETTINGS = RetrySettings(attempts=5, backoff=(30.0, 3600.0), max_age=86400.0)
 CREATED = 1_000_000.0
 
 
-def row(delivered: tuple[str, ...] = ()) -> Row:
+def row(delivered: tuple[str, ...] = (), send_at: float | None = None) -> Row:
     return Row(
         id="r1",
         template="welcome",
@@ -24,6 +24,7 @@ def row(delivered: tuple[str, ...] = ()) -> Row:
         refused={},
         message=b"...",
         message_id="<r1@x>",
+        send_at=send_at,
     )
 
 
@@ -69,7 +70,7 @@ def test_4xx_is_retried_within_the_backoff_bounds() -> None:
     )
     for number in (1, 2, 4):
         result = decide(deferred, row(), number, SETTINGS, CREATED + 10)
-        assert isinstance(result, Retry) and result.reason == "451 4.3.0 later"
+        assert isinstance(result, Retry) and result.reply == "451 4.3.0 later"
         assert CREATED + 10 + 30 <= result.at <= CREATED + 10 + 3600
 
 
@@ -110,3 +111,18 @@ def test_network_error_is_retried() -> None:
         CREATED,
     )
     assert isinstance(result, Retry)
+
+
+def test_max_age_counts_from_send_at_for_a_scheduled_request() -> None:
+    six_days = CREATED + 6 * 86400
+    deferred = attempt(deferred={"a@x.org": "451 later"}, code=451, reply="451 later")
+    result = decide(deferred, row(send_at=six_days), 1, SETTINGS, six_days + 60)
+    assert isinstance(result, Retry) and result.at > six_days + 60
+
+
+def test_a_retry_after_a_partial_delivery_gives_the_reply_that_deferred_it() -> None:
+    partial = attempt(
+        ("a@x.org",), deferred={"b@x.org": "452 4.2.2 Mailbox full"}, code=250, reply="250 ok"
+    )
+    result = decide(partial, row(), 1, SETTINGS, CREATED)
+    assert isinstance(result, Retry) and result.reply == "452 4.2.2 Mailbox full"

@@ -13,7 +13,8 @@ import pytest
 import zmq
 
 from dispatcher import overflow
-from dispatcher.spool import Finish, Spool
+from dispatcher.spool import Finish
+from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 from tests.test_spool import request
@@ -77,7 +78,7 @@ def test_a_receipt_follows_the_commit_and_comes_again_for_a_duplicate(
     sender = Sender(daemon, "app1")
     try:
         sender.receipts({"r1"}, lambda: sender.send("r1"))
-        with Spool(daemon.settings.spool.path) as spool:  # acknowledged means committed
+        with SqliteReader(daemon.settings.spool.path) as spool:  # acknowledged means committed
             assert "r1" in {r for (r,) in spool.db.execute("select id from requests")}
         sender.send("r1")  # a re-send after a lost receipt: stored once, acknowledged again
         assert sender.receipts({"r1"}, lambda: None) == {"r1"}
@@ -119,13 +120,13 @@ def test_sent_requests_older_than_keep_sent_are_pruned_at_start(
     tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
 ) -> None:
     settings = write_settings(tmp_path, smtp_server.port, spool={"keep_sent": 3600})
-    with Spool(tmp_path / "spool.sqlite3") as spool:
+    with SqliteSpool(tmp_path / "spool.sqlite3", "test") as spool:
         spool.add([request("ancient"), request("recent"), request("gone")], [], 1.0)
         spool.record([], [Finish("ancient", "sent", time.time() - 7200, "250 ok")])
         spool.record([], [Finish("recent", "sent", time.time(), "250 ok")])
         spool.record([], [Finish("gone", "dead", time.time() - 7200, "550 no")])
     daemon = start_daemon(settings)
     daemon.wait_for_log("pruned 1 sent requests older than 3600 s")
-    with Spool(tmp_path / "spool.sqlite3") as spool:
+    with SqliteReader(tmp_path / "spool.sqlite3") as spool:
         ids = {r for (r,) in spool.db.execute("select id from requests")}
     assert ids == {"recent", "gone"}  # dead requests stay until `dispatcher purge`

@@ -1,0 +1,235 @@
+"""The daemon's delivery side: claim → admit → render → send → decide → record.
+
+A feeder claims due requests in the spool, asks the admission policies which may go now,
+has those rendered (in the render processes) and hands them to `smtp.connections` workers,
+each owning one SMTP connection reused for many messages. Every outcome, of a send or of a
+render, is recorded through `conclude`.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+from dispatcher.admission import Admission
+from dispatcher.journal import Journal
+from dispatcher.observer import Observer
+from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, finish
+from dispatcher.render import RenderedMessage
+from dispatcher.renderpool import Failed, RenderPool
+from dispatcher.settings import Settings
+from dispatcher.spool import Finish, Row, Spool, Start, now
+from dispatcher.transport import Attempt, SmtpConnection
+
+log = logging.getLogger(__name__)
+
+# The feeder re-reads the spool at least this often, whatever it was told: also how soon it
+# sees a request that another process (`dispatcher retry`) made due. A cheap indexed query.
+IDLE_WAKE = 1.0
+FEED_BATCH = 32  # at least this many rows per feed: one render round trip and one commit each
+SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
+
+
+class Delivery:
+    """The feeder, the workers, and the claims they hold."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        renders: RenderPool,
+        observer: Observer,
+        admission: Admission,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.renders = renders
+        self.observer = observer
+        self.admission = admission
+        self.journal = Journal(spool)
+        # Rows claimed per feed: two per connection, so the next batch renders while the
+        # workers send this one.
+        self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
+        self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=self.batch)
+        self.held: set[str] = set()  # claimed and not yet concluded or released
+        self.wake = asyncio.Event()
+
+    # -- the feeder --------------------------------------------------------------------
+
+    async def feed(self) -> None:
+        """Claim, admit, render and hand over due requests; sleep until the next is due, a
+        worker finishes or intake stores more."""
+        while True:
+            self.wake.clear()
+            at = now()
+            closed = self.admission.closed_until(at)
+            rows = self.spool.claim(at, self.batch) if closed is None else []
+            self.held.update(row.id for row in rows)
+            go, later = self.admission.admit(rows, at)
+            for row, when in later:
+                self.release([row.id], when)
+            await self.hand_over(go)
+            if not rows:
+                await self.idle(closed)
+
+    async def hand_over(self, rows: list[Row]) -> None:
+        """Render, record the starts of the batch in one transaction, queue for the workers.
+
+        Cancelled (at shutdown), the rows not yet with a worker wait in the spool as before.
+        """
+        waiting = {row.id for row in rows}
+        try:
+            ready = await self.render(rows)
+            at = now()
+            self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
+            for row in ready:
+                await self.queue.put(row)
+                waiting.discard(row.id)
+        except BaseException:
+            self.release(list(waiting & self.held))
+            raise
+
+    async def idle(self, closed: float | None) -> None:
+        """Wait for the next due time (at most IDLE_WAKE), or an earlier wake-up.
+
+        A due time already past belongs to a row a worker holds: a worker finishing wakes us,
+        so waiting for that is not a busy loop.
+        """
+        next_due, current = self.spool.next_due_at(), now()
+        if closed is not None:
+            next_due = closed
+        timeout = IDLE_WAKE
+        if next_due is not None and next_due > current:
+            timeout = min(IDLE_WAKE, next_due - current)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+        # arrives as the event is set, and the feeder then outlived shutdown by IDLE_WAKE.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.wake.wait()
+
+    async def render(self, rows: list[Row]) -> list[Row]:
+        """The rows with their messages: rendered once (the bytes are kept with the first
+        attempt). A template or request error makes the request dead."""
+        fresh = [row for row in rows if row.message is None]
+        results = await self.renders.render([row.request for row in fresh])
+        rendered = dict(zip((row.id for row in fresh), results, strict=True))
+        ready = []
+        for row in rows:
+            match rendered.get(row.id):
+                case None:
+                    ready.append(row)
+                case RenderedMessage() as message:
+                    ready.append(
+                        dataclasses.replace(
+                            row,
+                            envelope_from=message.envelope_from,
+                            recipients=list(message.recipients),
+                            message=message.data,
+                            message_id=message.message_id,
+                        )
+                    )
+                case Failed(reason, permanent=True):
+                    self.conclude(row, Dead(reason))
+                case Failed(reason):  # a fault of ours, not of the request: try again later
+                    self.conclude(row, Retry(reason, now() + self.settings.retry.backoff[0]))
+        return ready
+
+    def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
+        """Give claimed rows back to the spool unsent."""
+        if request_ids:
+            self.spool.release(request_ids, not_before)
+            self.held.difference_update(request_ids)
+
+    # -- the workers -------------------------------------------------------------------
+
+    async def work(self) -> None:
+        """One delivery worker with its own SMTP connection, kept open between messages."""
+        async with SmtpConnection(self.settings.smtp) as connection:
+            self.observer.watch(connection)
+            while True:
+                row = await self.queue.get()
+                try:
+                    await self.deliver(connection, row)
+                except Exception:  # a bug on one message must not stop delivery of the rest
+                    log.exception("unexpected error delivering %s; will retry", row.id)
+                    self.conclude(
+                        row, Retry("internal error", now() + self.settings.retry.backoff[1])
+                    )
+                finally:
+                    self.held.discard(row.id)
+                    self.wake.set()
+
+    async def deliver(self, connection: SmtpConnection, row: Row) -> None:
+        assert row.message is not None and row.recipients is not None and row.envelope_from
+        try:
+            started = time.monotonic()
+            attempt = await connection.deliver(row.envelope_from, row.recipients, row.message)
+            self.observer.attempted(time.monotonic() - started)
+        except asyncio.CancelledError:
+            # Shutdown cut the send short: the server may have the message, so it goes again
+            # (same bytes, same Message-ID), flagged as a possible duplicate.
+            at = now()
+            self.journal.finish(
+                Finish(row.id, "retry", at, "interrupted by shutdown", at, maybe_duplicate=True)
+            )
+            self.journal.flush()
+            raise
+        at = now()
+        self.conclude(row, decide(attempt, row, row.attempts + 1, self.settings.retry, at), attempt)
+
+    def conclude(self, row: Row, outcome: Outcome, attempt: Attempt | None = None) -> None:
+        """The one path of every outcome: recorded, counted, logged in one line."""
+        at = now()
+        self.journal.finish(finish(row, outcome, at, attempt))
+        self.held.discard(row.id)
+        self.observer.finished(outcome.state, row.created_at)
+        level = LOG_LEVELS[outcome.state]
+        if attempt is None:  # nothing was sent: a render failure, or a fault of ours
+            log.log(
+                level, "%s %s template=%s: %s", outcome.state, row.id, row.template, outcome.reply
+            )
+            return
+        domain = (row.recipients or ["?"])[0].rpartition("@")[2]
+        log.log(
+            level,
+            "%s %s template=%s domain=%s attempt=%d code=%s %s",
+            outcome.state,
+            row.id,
+            row.template,
+            domain,
+            row.attempts + 1,
+            attempt.code,
+            describe(outcome, at),
+        )
+        if attempt.refused and outcome.state != "dead":
+            log.error("refused %s: %s", row.id, attempt.refused)
+
+    # -- claims and shutdown -----------------------------------------------------------
+
+    async def keep_claims(self) -> None:
+        """Renew this daemon's leases; free what daemons whose leases lapsed left behind."""
+        every = self.settings.spool.lease / 3
+        while True:
+            await asyncio.sleep(every)
+            freed = self.spool.renew(now())
+            if freed:
+                log.warning("%d sends of a daemon that stopped renewing go again", freed)
+                self.wake.set()
+
+    async def stop(self, workers: Sequence[asyncio.Task[None]]) -> None:
+        """Let sends in flight finish (bounded), give the rest back to the spool."""
+        unsent = []
+        while not self.queue.empty():  # handed over but not sent: they wait as before
+            unsent.append(self.queue.get_nowait().id)
+        self.release(unsent)
+        if self.held:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    while self.held:
+                        await self.wake.wait()
+                        self.wake.clear()
+        for worker in workers:
+            worker.cancel()
+        self.journal.flush()

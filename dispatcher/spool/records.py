@@ -1,0 +1,98 @@
+"""What goes into the spool and comes out of it, whatever store holds it."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from dispatcher.wire import PRIORITIES, Request, to_fields
+
+STATES = ("queued", "retry", "sending", "sent", "dead")
+EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A request as intake stores it: its frame, and the columns the queue is ordered by."""
+
+    id: str
+    template: str
+    request: bytes  # the frame's JSON, checked at intake; fully validated when rendered
+    priority: int = PRIORITIES["normal"]
+    due: float | None = None  # `send_at` as a timestamp; None: at once
+    idempotency_key: str | None = None
+    client: str | None = None  # who gets the receipt; not stored
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], frame: bytes) -> "Incoming":
+        """From a frame that passed the shape check and names its id."""
+        send_at = fields.get("send_at")
+        return cls(
+            id=fields["id"],
+            template=fields["template"],
+            request=frame,
+            priority=PRIORITIES[fields.get("priority") or "normal"],
+            due=datetime.fromisoformat(send_at).timestamp() if send_at else None,
+            idempotency_key=fields.get("idempotency_key"),
+            client=fields.get("client"),
+        )
+
+    @classmethod
+    def of(cls, request: Request) -> "Incoming":
+        """A validated request in its wire form (for tools and tests)."""
+        fields = to_fields(request)
+        return cls.from_fields(fields, orjson.dumps(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A claimed request as the delivery side needs it."""
+
+    id: str
+    template: str
+    request: bytes
+    created_at: float
+    attempts: int
+    envelope_from: str | None
+    recipients: list[str] | None  # still to deliver; None until rendered
+    delivered: list[str]
+    refused: dict[str, str]
+    message: bytes | None  # rendered once, on the first attempt; every retry sends these bytes
+    message_id: str | None
+    priority: int = PRIORITIES["normal"]
+    due: float = 0.0  # when it was to go: `send_at`, a retry's time, or its arrival
+    send_at: float | None = None  # as the request asked; `retry.max_age` counts from here
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Attempt `number` of a rendered request begins at `at`."""
+
+    row: Row
+    number: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """How an attempt (or a render) ended: the request's new state and what to keep of it.
+
+    Recording it also ends the daemon's claim on the request.
+    """
+
+    request_id: str
+    state: str
+    at: float
+    reply: str
+    next_attempt_at: float | None = None
+    code: int | None = None
+    number: int | None = None  # the attempt, None when nothing was sent (a render failure)
+    recipients: Sequence[str] | None = None  # still to deliver; None keeps the stored list
+    delivered: Sequence[str] = ()
+    refused: dict[str, str] | None = None
+    maybe_duplicate: bool = False  # the send was cut short: the server may have the message
+
+    def __post_init__(self) -> None:
+        assert self.state in STATES
