@@ -59,20 +59,28 @@ class Delivery:
     # -- the feeder --------------------------------------------------------------------
 
     async def feed(self) -> None:
-        """Claim, admit, render and hand over due requests; sleep until the next is due, a
-        worker finishes or intake stores more."""
+        """Feed the workers; sleep until the next is due, a worker finishes or intake stores
+        more."""
         while True:
             self.wake.clear()
-            at = now()
-            closed = self.admission.closed_until(at)
-            rows = self.spool.claim(at, self.batch) if closed is None else []
-            self.held.update(row.id for row in rows)
-            go, later = self.admission.admit(rows, at)
-            for row, when in later:
-                self.release([row.id], when)
-            await self.hand_over(go)
-            if not rows:
+            claimed, closed = await self.feed_once()
+            if not claimed:
                 await self.idle(closed)
+
+    async def feed_once(self) -> tuple[int, float | None]:
+        """Claim, admit, render and hand over one batch; returns how many rows were claimed
+        and, while a policy lets nothing go, until when."""
+        at = now()
+        closed = self.admission.closed_until(at)
+        if closed is not None:
+            return 0, closed
+        rows = self.spool.claim(at, self.batch)
+        self.held.update(row.id for row in rows)
+        go, later = self.admission.admit(rows, at)
+        for row, when in later:
+            self.release([row.id], when)
+        await self.hand_over(go)
+        return len(rows), None
 
     async def hand_over(self, rows: list[Row]) -> None:
         """Render, record the starts of the batch in one transaction, queue for the workers.
