@@ -1,11 +1,8 @@
 """`dispatcher dev`: the daemon, a capture SMTP server and the preview UI in one process.
 
-The daemon delivers over real SMTP, exactly as in production, to an aiosmtpd server listening
-on `smtp.host:smtp.port` that files every message in the Outbox folder instead of relaying it.
-So the Outbox shows what the app really enqueued, through the same render, MIME build and SMTP
-conversation as production. One asyncio loop runs the daemon and the SMTP server; the UI runs
-on its own thread. One Ctrl-C (or SIGTERM) stops all three, the daemon first so that sends in
-flight still reach the capture server.
+The daemon delivers over real SMTP, as in production, to an aiosmtpd server that files every
+message in the Outbox folder. One Ctrl-C stops all three, the daemon first, so sends in flight
+still reach the capture server.
 """
 
 import asyncio

@@ -1,12 +1,8 @@
 """Group commit of delivery bookkeeping: few spool transactions for many messages.
 
-Every attempt writes twice: its start before the first byte goes to the server (so a crash
-mid-send is known and the message goes again with the same bytes) and its outcome. One
-transaction each cost 17% of the daemon's busy time at 1,200 mails/s. So the feeder commits the
-starts of a whole batch at once before handing it to the workers, and outcomes are committed
-together every FINISH_DELAY seconds (or FINISH_BATCH outcomes). An outcome lost in a crash
-leaves its request `sending`, which the next start sends again, flagged as a possible
-duplicate: the same as a crash in mid-send, for at most FINISH_DELAY seconds of outcomes.
+Starts are committed, a batch at once, before the first byte goes to the server; outcomes are
+committed together every FINISH_DELAY seconds (or FINISH_BATCH outcomes). An outcome lost in a
+crash leaves its request `sending`, which goes again as a possible duplicate.
 """
 
 import asyncio

@@ -1,24 +1,10 @@
-"""RFC 5322 / MIME (RFC 2045-2047, 2231) messages written directly as bytes.
+"""RFC 5322 / MIME (RFC 2045-2047, 2231) messages written directly as bytes, in the one shape
+we send (text, optional HTML alternative, optional attachments), 7-bit throughout.
 
-The stdlib's `EmailMessage` builds a tree of header objects, re-parses every value it is given and
-folds it through a generic parse tree: about 1.5 ms per multipart message, most of a daemon's CPU
-per mail. What we send has one shape (text, optional HTML alternative, optional attachments) and
-header values that are already validated, so this module writes that shape as bytes in about a
-tenth of the time (`benchmarks/render.py`). The encoders are the stdlib's C and table-driven
-ones (`binascii.b2a_qp`, `binascii.b2a_base64`, `email.quoprimime` / `email.base64mime` for
-encoded words); only the assembly (which header, which fold, which line, which boundary) is
-written here.
-
-Why header injection cannot happen by construction: every header line is written by `_fold`,
-which puts `Name: ` first and joins words with a space or CRLF-space only. A word is either an
-RFC 2047 encoded word, whose alphabet (letters, digits, `!*+-/=_?` and base64) has no whitespace
-or control character, or literal text checked to be printable ASCII (`[ -~]`, no control
-character). CR and LF in any value raise ValueError before anything is written. So every line that
-starts a header is one we started, whatever the input; `Renderer` still parses the header block
-back (`render._check_headers`, a few microseconds) as a second line of defence.
-
-Everything written is 7-bit: bodies are 7bit only when ASCII with lines of at most 78 characters,
-otherwise quoted-printable (or base64 when shorter); attachments are base64.
+Header injection cannot happen by construction: every header line is written by `_fold`, which
+starts it with `Name: ` and joins words only with a space or CRLF-space; a word is an RFC 2047
+encoded word or printable ASCII, and CR or LF in any value raises ValueError. The encoders are
+the stdlib's; `benchmarks/render.py` compares the cost with `EmailMessage`.
 """
 
 import binascii

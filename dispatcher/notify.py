@@ -1,10 +1,6 @@
-"""The systemd notification protocol (sd_notify), without libsystemd.
+"""The systemd notification protocol (sd_notify(3)), without libsystemd.
 
-A service of `Type=notify` tells its manager, in datagrams of `KEY=value` lines sent to the
-AF_UNIX socket named by `$NOTIFY_SOCKET`, when it is ready (`READY=1`), that it is alive
-(`WATCHDOG=1`, at least once per `$WATCHDOG_USEC`), what it is doing (`STATUS=...`) and that it
-is stopping (`STOPPING=1`). The protocol is declared stable by systemd (sd_notify(3)); a name
-starting with `@` is in Linux's abstract namespace. Without `$NOTIFY_SOCKET` every call is a
+READY, WATCHDOG, STATUS and STOPPING datagrams to `$NOTIFY_SOCKET`; without it every call is a
 no-op, so the daemon behaves the same outside systemd.
 """
 

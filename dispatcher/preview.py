@@ -1,13 +1,8 @@
 """The preview web UI: every template with every sample, and the Outbox of `dispatcher dev`.
 
-Server-rendered pages with ordinary links, so any HTTP client (and a test) can read them; one
-small script only adds live refresh. The stdlib's threading HTTP server is enough for one
-developer's browser and keeps the dependencies at zero. It binds 127.0.0.1 only: the pages show
-whatever the templates and captured mail contain.
-
-A message is always shown from its RFC 5322 bytes, parsed back: a preview renders the template
-into the exact bytes the daemon would send, so what you see (inlined CSS, derived text part,
-encoded headers) is what a mail client gets, and captured mail is shown by the same code.
+Server-rendered pages on 127.0.0.1 (the stdlib's threading HTTP server); one small script adds
+live refresh. A message is always shown from its RFC 5322 bytes, parsed back, so what you see is
+what a mail client gets.
 """
 
 import contextlib

@@ -1,14 +1,8 @@
 """Templates to bytes: Jinja renders the parts, `dispatcher.mime` writes the message.
 
-A template is a folder under the templates directory: `subject.txt`, `body.html` and/or
-`body.txt`, and an optional `preview.yaml` of sample contexts. Every failure a template author can
-cause comes out as one `TemplateError` that names `file:line`, so `dispatcher check`, the preview
-UI and a dead message's reason all read like a compiler error.
-
-The message is written by `mime` (about 10x faster than the stdlib's `EmailMessage`, which cost
-most of a daemon's CPU per mail), whose header lines cannot be started by a value; its header block
-is then scanned back and compared with what we wrote, the check that caught CVE-2024-6923 (an
-encoded word turning into a real header line) in the stdlib builder of Python 3.11.7.
+Every failure a template author can cause is one `TemplateError` naming `file:line`. The built
+header block is scanned back and compared with what was meant (the check that catches
+CVE-2024-6923 of the stdlib builder).
 """
 
 import functools

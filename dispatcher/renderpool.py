@@ -1,13 +1,8 @@
 """Rendering beside the event loop: templates and MIME in worker processes, on the other cores.
 
-Rendering (Jinja, CSS inlining, building the MIME message) is the daemon's largest CPU cost per
-mail. On the event loop it holds up the SMTP dialogues, the spool and the receipts; in a thread it
-contends with them for the GIL. So the feeder hands batches of stored requests to worker
-processes, which render while the loop sends the previous batch. `templates.render_processes: 0`
-renders on the loop instead (one core, or a debugger).
-
-Workers are spawned, not forked (the daemon has threads, and a fork would copy its sockets),
-ignore SIGINT (Ctrl-C in `dispatcher dev` is the parent's to handle) and start with the daemon.
+Workers are spawned, not forked (the daemon has threads and sockets), ignore SIGINT (Ctrl-C in
+`dispatcher dev` is the parent's) and start with the daemon; `templates.render_processes: 0`
+renders on the loop instead.
 """
 
 import asyncio

@@ -1,14 +1,8 @@
 """SMTP delivery over one long-lived connection per worker, each outcome returned as a value.
 
-aiosmtplib has no connection pool and no PIPELINING: a connection carries one message at a time,
-and opening a connection per message costs more than half the throughput. So every delivery
-worker owns one `SmtpConnection` and reuses it for many messages, reconnecting when the server
-has dropped it.
-
-`deliver()` never raises for SMTP or network failures. It classifies them by RFC 5321 reply
-class into an `Attempt` (2xx delivered; 4xx, disconnects and timeouts deferred; 5xx refused,
-per recipient), so the service loop decides with a `match` on values instead of a ladder of
-`except` clauses. Only programming errors and cancellation propagate.
+`deliver()` never raises for SMTP or network failures: it classifies them by reply class into an
+`Attempt` (2xx delivered; 4xx, disconnects and timeouts deferred; 5xx refused, per recipient).
+Only programming errors and cancellation propagate.
 """
 
 import asyncio
