@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sandbox import best_us  # noqa: E402
 from dispatcher.address import Address  # noqa: E402
-from dispatcher.render import Parts, Renderer, _ascii_addr_spec  # noqa: E402
+from dispatcher.compose import Parts, ascii_addr_spec  # noqa: E402
+from dispatcher.render import Renderer  # noqa: E402
 from dispatcher.wire import Request, validate  # noqa: E402
 
 POLICY = email.policy.SMTP.clone(cte_type="7bit")  # what the stdlib builder used
@@ -101,7 +102,7 @@ def _addr_specs(msg: email.message.Message, name: str) -> list[str]:
 
 
 def _header_address(address: Address) -> HeaderAddress:
-    return HeaderAddress(address.display_name, addr_spec=_ascii_addr_spec(address.addr_spec))
+    return HeaderAddress(address.display_name, addr_spec=ascii_addr_spec(address.addr_spec))
 
 
 def main() -> None:

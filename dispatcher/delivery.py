@@ -14,10 +14,10 @@ import time
 from collections.abc import Sequence
 
 from dispatcher.admission import Admission
+from dispatcher.compose import RenderedMessage
 from dispatcher.journal import Journal
 from dispatcher.observer import Observer
 from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, finish
-from dispatcher.render import RenderedMessage
 from dispatcher.renderpool import Failed, RenderPool
 from dispatcher.settings import Settings
 from dispatcher.spool import Finish, Row, Spool, Start, now

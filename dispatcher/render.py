@@ -1,19 +1,14 @@
-"""Templates to bytes: Jinja renders the parts, `dispatcher.mime` writes the message.
+"""Templates: Jinja renders a template folder to its parts (subject, HTML, text).
 
-Every failure a template author can cause is one `TemplateError` naming `file:line`. The built
-header block is scanned back and compared with what was meant (the check that catches
-CVE-2024-6923 of the stdlib builder).
+Every failure a template author can cause is one `TemplateError` naming `file:line`, so
+`dispatcher check`, the preview and a dead request's reason read like a compiler error.
 """
 
-import functools
-import hashlib
 import os
 import re
 import textwrap
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -22,8 +17,8 @@ import jinja2
 import jinja2.sandbox
 import yaml
 
-from dispatcher import mime
 from dispatcher.address import Address, check_header_text, parse_address
+from dispatcher.compose import Parts, RenderedMessage, compose
 from dispatcher.errors import InvalidRequest, TemplateError
 from dispatcher.wire import TEMPLATE_NAME, VERSION, Request, validate
 
@@ -32,39 +27,14 @@ EXAMPLE_RECIPIENT = "Example Recipient <recipient@example.com>"  # `render`, `ch
 # inscriptis writes links as `[text](url)`; mail readers expect `text (url)`.
 _MARKDOWN_LINK = re.compile(r"\[([^\[\]]*)\]\(([^()\s]*)\)")
 _BLANK_LINES = re.compile(r"\n{3,}")
-# A request id may hold ':', which is not atext and makes Python cut the Message-ID short.
-_NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 # Mail clients drop <style> blocks (Gmail clips them, Outlook ignores many rules): every rule that
 # can be is copied into `style` attributes. At-rules (@media) cannot be inlined, so they stay in a
 # <style> block for the clients that honour them. Nothing is ever fetched: <link> stylesheets are
 # dropped, not loaded, so rendering never touches the network.
-_BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")  # where a header block ends
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_MIME_VERSION = mime.literal_field("MIME-Version", "1.0")
 _STYLE_TAG = re.compile(r"<style\b", re.IGNORECASE)
 _CSS_INLINER = css_inline.CSSInliner(
     load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Parts:
-    """What a template renders to, before any MIME: also what the preview UI shows."""
-
-    subject: str  # one line, not HTML-escaped
-    html: str | None  # None when the template has no body.html
-    text: str  # body.txt rendered, or derived from the HTML when body.txt is missing
-
-
-@dataclass(frozen=True, slots=True)
-class RenderedMessage:
-    """A message ready for SMTP: the same bytes and Message-ID on every retry."""
-
-    message_id: str
-    envelope_from: str
-    recipients: tuple[str, ...]
-    subject: str
-    data: bytes
 
 
 def template_environment(
@@ -93,7 +63,7 @@ def template_environment(
 
 
 class Renderer:
-    """Renders named templates from one folder and builds RFC 5322 messages from requests.
+    """Renders named templates from one folder; `render` also composes the full message.
 
     Compiled templates stay in Jinja's in-memory cache; with `auto_reload=False` (the daemon) a
     cached template costs no file-system access, with `auto_reload=True` (preview, dev) edits show
@@ -144,22 +114,7 @@ class Renderer:
     def render(self, request: Request, now: datetime | None = None) -> RenderedMessage:
         """Render the request's template and build the full message for SMTP DATA."""
         parts = self.render_parts(request.template, request.context)
-        sender = request.sender or self.mail_from
-        envelope_from = _ascii_addr_spec(sender.addr_spec)
-        left = _NOT_ATEXT.sub(lambda m: f"={ord(m[0]):02X}", request.id)
-        message_id = f"<{left}@{envelope_from.rpartition('@')[2]}>"
-        moment = now or datetime.now(UTC)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        try:
-            fields = self._fields(request, parts, sender, message_id, moment)
-            body = _body(parts, request, _boundary_seed(message_id, parts, request))
-            data = mime.message(fields, body)
-        except ValueError as exc:  # mime refuses what it cannot write correctly
-            raise TemplateError(f"cannot build the message: {exc}") from exc
-        _check_headers([f.name for f in (*fields, *body.fields)], data, message_id)
-        recipients = dict.fromkeys(_ascii_addr_spec(a) for a in request.recipients)
-        return RenderedMessage(message_id, envelope_from, tuple(recipients), parts.subject, data)
+        return compose(parts, request, request.sender or self.mail_from, now)
 
     def render_example(
         self, name: str, context: dict[str, Any], to: str = EXAMPLE_RECIPIENT
@@ -276,54 +231,6 @@ class Renderer:
             shown = filename
         return f"{shown}:{line}" if line else shown
 
-    def _fields(
-        self,
-        request: Request,
-        parts: Parts,
-        sender: Address,
-        message_id: str,
-        moment: datetime,
-    ) -> list[mime.Field]:
-        """The message's own header fields, in the order the stdlib builder wrote them."""
-        fields = [
-            _from_field(sender),
-            mime.address_field("To", [_ascii_address(a) for a in request.to]),
-        ]
-        if request.cc:
-            fields.append(mime.address_field("Cc", [_ascii_address(a) for a in request.cc]))
-        if request.reply_to:
-            reply_to = [_ascii_address(a) for a in request.reply_to]
-            fields.append(mime.address_field("Reply-To", reply_to))
-        # No Bcc header, ever: Bcc recipients exist only in the SMTP envelope.
-        fields += [
-            mime.text_field("Subject", parts.subject),
-            mime.date_field(moment),
-            mime.literal_field("Message-ID", message_id),
-            _MIME_VERSION,
-        ]
-        fields += (
-            mime.text_field(name, value, encode_long_words=False)
-            for name, value in request.headers.items()
-        )
-        return fields
-
-
-def _body(parts: Parts, request: Request, seed: str) -> mime.Part:
-    """text/plain, or multipart/alternative (text, then HTML), inside multipart/mixed when
-    there are attachments. Boundaries are numbered outermost first, as `walk()` used to."""
-    boundaries = (f"=_{seed}.{index}" for index in range(2))
-    mixed = next(boundaries) if request.attachments else ""
-    body = mime.text_part(parts.text, "plain")
-    if parts.html is not None:
-        html = mime.text_part(parts.html, "html")
-        body = mime.multipart("alternative", (body, html), next(boundaries))
-    if request.attachments:
-        files = (
-            mime.attachment_part(a.filename, a.content_type, a.content) for a in request.attachments
-        )
-        body = mime.multipart("mixed", (body, *files), mixed)
-    return body
-
 
 @dataclass(frozen=True, slots=True)
 class CheckReport:
@@ -407,80 +314,3 @@ def _is_mapping_of_mappings(value: object) -> TypeGuard[dict[str, dict[str, Any]
         isinstance(sample, str) and isinstance(ctx, dict) and all(isinstance(k, str) for k in ctx)
         for sample, ctx in value.items()
     )
-
-
-def _ascii_addr_spec(addr_spec: str) -> str:
-    """The address with its domain in punycode: what headers and the envelope can carry.
-
-    A non-ASCII local part would need SMTPUTF8, which Python 3.11's header classes cannot write.
-    """
-    if addr_spec.isascii():
-        return addr_spec
-    from email_validator import EmailNotValidError, validate_email
-
-    try:
-        ascii_email = validate_email(addr_spec, check_deliverability=False).ascii_email
-    except EmailNotValidError as exc:
-        raise TemplateError(f"cannot build the message: {addr_spec!r}: {exc}") from None
-    if not ascii_email:
-        raise TemplateError(
-            f"cannot build the message: {addr_spec!r} has a non-ASCII local part (needs SMTPUTF8)"
-        )
-    return str(ascii_email)
-
-
-@functools.lru_cache(maxsize=64)
-def _from_field(sender: Address) -> mime.Field:
-    """Cached: nearly every message has the configured sender."""
-    return mime.address_field("From", [_ascii_address(sender)])
-
-
-def _ascii_address(address: Address) -> Address:
-    return Address(address.display_name, _ascii_addr_spec(address.addr_spec))
-
-
-def _boundary_seed(message_id: str, parts: Parts, request: Request) -> str:
-    """Boundaries derived from the content, so the same request renders to the same bytes.
-
-    A digest of everything inside the message cannot occur in that content, which is the only
-    property a boundary needs; quoted-printable and base64 content cannot hold `=_` at all.
-    """
-    digest = hashlib.sha256(message_id.encode())
-    for text in (parts.subject, parts.text, parts.html or ""):
-        digest.update(text.encode("utf-8", "surrogatepass"))
-    for attachment in request.attachments:
-        digest.update(attachment.filename.encode("utf-8", "surrogatepass") + attachment.content)
-    return digest.hexdigest()[:32]
-
-
-def _check_headers(written: Sequence[str], data: bytes, message_id: str) -> None:
-    """Split the serialised header block into fields as a mail reader would: it must hold
-    exactly the fields we wrote, and the Message-ID we meant.
-
-    `mime` cannot start a header line from a value (see its docstring); this scan (a few
-    microseconds, no email package) is the second line of defence against a builder bug of the
-    CVE-2024-6923 kind (an encoded newline turning into a real header line). Every one of
-    CR LF, CR and LF counts as a line break here, as it does for the stdlib parser.
-    """
-    end = data.find(b"\r\n\r\n")
-    block = data[:end] if end >= 0 else data
-    id_line = b"\r\nMessage-ID: " + message_id.encode("ascii", "replace") + b"\r\n"
-    if block.count(b"\r\n") == block.count(b"\r") == block.count(b"\n"):
-        # CRLF is the only line break (what mime writes): count the lines that start a field.
-        field_count = 1 + block.count(b"\r\n") - block.count(b"\r\n ") - block.count(b"\r\n\t")
-        if field_count == len(written) and id_line in block + b"\r\n":
-            return
-        lines = block.split(b"\r\n")
-    else:  # a bare CR or LF: split where a mail reader would, and end where it would
-        blank = _BLANK_LINE.search(data)
-        lines = _LINE_BREAK.split(data[: blank.start()] if blank else data)
-    field_lines = [line for line in lines if line[:1] not in b" \t"]  # not continuations
-    came = [line.partition(b":")[0].strip().lower() for line in field_lines]
-    meant = [name.lower().encode("ascii", "replace") for name in written]
-    if sorted(came) != sorted(meant):
-        extra = sorted(n.decode("ascii", "replace") for n in (Counter(came) - Counter(meant)))
-        missing = sorted(n.decode("ascii", "replace") for n in (Counter(meant) - Counter(came)))
-        raise TemplateError(f"header check failed: unexpected {extra}, missing {missing}")
-    written_id = field_lines[came.index(b"message-id")].partition(b":")[2].strip()
-    if written_id != message_id.encode("ascii", "replace"):
-        raise TemplateError(f"header check failed: Message-ID came out as {written_id!r}")

@@ -20,8 +20,9 @@ from pathlib import Path
 import orjson
 
 from dispatcher import wire
+from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
-from dispatcher.render import RenderedMessage, Renderer
+from dispatcher.render import Renderer
 
 log = logging.getLogger(__name__)
 

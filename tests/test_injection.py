@@ -15,8 +15,9 @@ import zmq
 
 from dispatcher import wire
 from dispatcher.client import build_frame
+from dispatcher.compose import check_headers
 from dispatcher.errors import InvalidRequest, TemplateError
-from dispatcher.render import Renderer, _check_headers
+from dispatcher.render import Renderer
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
@@ -145,9 +146,9 @@ def test_cve_2024_6923_reproduces_here_and_the_parse_back_check_catches_it() -> 
         assert vulnerable, "expected this Python to reproduce CVE-2024-6923"
     if vulnerable:
         with pytest.raises(TemplateError, match=r"header check failed: unexpected \['bcc'\]"):
-            _check_headers(msg, data, "<1@example.com>")
+            check_headers(msg, data, "<1@example.com>")
     else:
-        _check_headers(msg, data, "<1@example.com>")
+        check_headers(msg, data, "<1@example.com>")
 
 
 def test_no_attempt_reaches_the_smtp_server_as_a_header_or_recipient(

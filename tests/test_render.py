@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from dispatcher.address import Address, parse_address
+from dispatcher.compose import check_headers
 from dispatcher.errors import TemplateError
-from dispatcher.render import Renderer, _check_headers, html_to_text
+from dispatcher.render import Renderer, html_to_text
 from dispatcher.wire import Attachment, Request
 
 SHIPPED = Path(__file__).parents[1] / "templates"
@@ -475,14 +476,14 @@ def test_what_the_builder_cannot_write_is_a_template_error(hello: Renderer) -> N
 def test_header_check_finds_a_header_line_made_by_a_bare_line_break(hello: Renderer) -> None:
     rendered = hello.render(request(), NOW)
     written = list(parse(rendered.data).keys())
-    _check_headers(written, rendered.data, rendered.message_id)  # what we wrote passes
+    check_headers(written, rendered.data, rendered.message_id)  # what we wrote passes
     for forged in (b"\nBcc: evil@example.com", b"\rBcc: evil@example.com"):
         data = rendered.data.replace(b"\r\nDate:", forged + b"\r\nDate:", 1)
         with pytest.raises(TemplateError, match=r"unexpected \['bcc'\]"):
-            _check_headers(written, data, rendered.message_id)
+            check_headers(written, data, rendered.message_id)
     data = rendered.data.replace(b"\r\nDate:", b"\r\n\nDate:", 1)  # ends the header block early
     with pytest.raises(TemplateError, match="missing"):
-        _check_headers(written, data, rendered.message_id)
+        check_headers(written, data, rendered.message_id)
     data = rendered.data.replace(rendered.message_id.encode(), b"<other@example.com>")
     with pytest.raises(TemplateError, match="Message-ID came out as"):
-        _check_headers(written, data, rendered.message_id)
+        check_headers(written, data, rendered.message_id)
