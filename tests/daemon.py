@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -163,6 +163,9 @@ class DaemonProcess(RunningDaemon):
         self.process.wait(10)
 
 
+Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """What `dispatcher run` serves until SIGTERM, here until `stop` is set."""
     daemon = Daemon(settings)
@@ -179,16 +182,20 @@ class InProcessDaemon(RunningDaemon):
     Its log lines are the records of the `dispatcher` loggers made on its thread, formatted as
     `dispatcher run` writes them. `render_processes` replaces `templates.render_processes` (0:
     render on the loop; a worker costs a Python start too); None keeps the settings file's.
+    `serve` runs another command's coroutine instead (`develop` for `dispatcher dev`).
     """
 
     _running = 0  # daemons alive in this process: the first lowers the logger level, the last
     _saved_level = logging.NOTSET  # puts it back
 
-    def __init__(self, settings_path: Path, render_processes: int | None = 0) -> None:
+    def __init__(
+        self, settings_path: Path, render_processes: int | None = 0, serve: Serve = run
+    ) -> None:
         overrides = (
             {} if render_processes is None else {"templates__render_processes": render_processes}
         )
         super().__init__(settings_path, load_settings(settings_path, overrides, environ={}))
+        self._serve = serve
         self.error: BaseException | None = None  # what ended the daemon, if not a stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -238,7 +245,7 @@ class InProcessDaemon(RunningDaemon):
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._ready.set()
-        await run(self.settings, self._stop)
+        await self._serve(self.settings, self._stop)
 
     @property
     def alive(self) -> bool:

@@ -1,6 +1,7 @@
 """Real `dispatcher preview` / `dispatcher dev` processes, the preview server on a thread of the
 test process, a templates folder they have never seen, and a plain HTTP client for their pages."""
 
+import asyncio
 import re
 import signal
 import urllib.error
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.devserver import develop
 from dispatcher.preview import PreviewServer
-from dispatcher.settings import load_settings
-from tests.daemon import DaemonProcess, write_settings
+from dispatcher.settings import Settings, load_settings
+from tests.daemon import DaemonProcess, InProcessDaemon, in_process, write_settings
 
 # No proxy, whatever the environment says: every request goes straight to 127.0.0.1.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -115,6 +117,24 @@ class InProcessPreview:
         return fetch(self.url, path)
 
 
+class InProcessDev(InProcessDaemon):
+    """`dispatcher dev` (daemon, capture SMTP server, preview on a free port) on a thread of this
+    process; stopped as Ctrl-C stops the command. `render_processes` as for `InProcessDaemon`."""
+
+    def __init__(self, settings_path: Path, render_processes: int | None = 0) -> None:
+        super().__init__(settings_path, render_processes, serve=develop_on_a_free_port)
+        found = re.search(r"preview on (http://127\.0\.0\.1:\d+/)", self.log)
+        assert found, self.log
+        self.url = found[1]
+
+    def get(self, path: str) -> Page:
+        return fetch(self.url, path)
+
+
+async def develop_on_a_free_port(settings: Settings, stop: asyncio.Event) -> None:
+    await develop(settings, 0, stop)
+
+
 @pytest.fixture
 def start_ui(tmp_path: Path) -> Iterator[Callable[..., UiProcess]]:
     """Factory: `start_ui("preview")` on a never-seen templates folder, or on given settings;
@@ -143,3 +163,9 @@ def preview(tmp_path: Path) -> Iterator[InProcessPreview]:
         yield preview
     finally:
         preview.server.stop()
+
+
+@pytest.fixture
+def run_dev(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., InProcessDev]]:
+    """Factory: `dispatcher dev` in this process on a settings file (see `InProcessDev`)."""
+    yield from in_process(monkeypatch, InProcessDev)
