@@ -66,12 +66,14 @@ async def start_capture(outbox: Outbox, host: str, port: int) -> asyncio.Server:
         ) from None
 
 
-async def develop(settings: Settings, port: int) -> None:
-    """Run the three parts until SIGINT or SIGTERM, then stop them in order."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+async def develop(settings: Settings, port: int, stop: asyncio.Event | None = None) -> None:
+    """Run the three parts until SIGINT or SIGTERM, then stop them in order. A given `stop`
+    replaces the signals (tests run dev on a thread, where signals cannot be handled)."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
     outbox = Outbox(outbox_folder(settings))
     capture = await start_capture(outbox, settings.smtp.host, settings.smtp.port)
     try:

@@ -38,6 +38,7 @@ DEFAULT_PORT = 8025
 VIEWS = ("desktop", "mobile", "text", "headers")
 SOURCE_CONTEXT = 2  # template lines shown around the line of an error
 FAILURES_LISTED = 20  # requests the Outbox lists as not delivered
+STOP_POLL = 0.1  # seconds until the server notices stop(): Ctrl-C and tests wait as long
 # The UI's own pages load nothing but this server's script and style sheet.
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -396,7 +397,9 @@ class PreviewServer:
         except OSError as exc:
             raise StartupError(f"--port {port}: cannot serve the preview: {exc.strerror}") from None
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="preview")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(STOP_POLL,), name="preview"
+        )
 
     @property
     def url(self) -> str:

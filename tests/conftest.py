@@ -1,6 +1,6 @@
-"""Shared fixtures: a real aiosmtpd server with injectable faults, real daemon processes and
-real preview / dev processes."""
+"""Shared fixtures: a real aiosmtpd server with injectable faults; real daemons, preview servers
+and `dispatcher dev`, each in a process of its own or in this one."""
 
-from tests.daemon import fresh_client, start_daemon  # noqa: F401  (fixtures)
+from tests.daemon import fresh_client, run_daemon, start_daemon  # noqa: F401  (fixtures)
 from tests.smtp_server import smtp_server  # noqa: F401  (fixture)
-from tests.ui import start_ui  # noqa: F401  (fixture)
+from tests.ui import preview, run_dev, start_ui  # noqa: F401  (fixtures)

@@ -1,4 +1,5 @@
-"""Queue administration (`status`, `inspect`, `retry`, `purge`) on a running daemon's spool."""
+"""Queue administration (`status`, `inspect`, `retry`, `purge`): the commands, run as a user
+runs them, on the spool of a daemon running in this process."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -11,34 +12,34 @@ from dispatcher import wire
 from dispatcher.admin import duration, parse_age
 from dispatcher.spool import Finish, Incoming
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
-from tests.daemon import DaemonProcess, run_cli, write_settings
+from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.smtp_server import SmtpServer
 
-StartDaemon = Callable[..., DaemonProcess]
+RunDaemon = Callable[..., InProcessDaemon]
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
-def enqueue(daemon: DaemonProcess, *recipients: str) -> list[str]:
+def enqueue(daemon: InProcessDaemon, *recipients: str) -> list[str]:
     dispatcher.configure(daemon.settings_path)
     ids = [dispatcher.enqueue_email("welcome", to=to, context=ADA) for to in recipients]
     assert dispatcher.flush(10)
     return ids
 
 
-def cli(daemon: DaemonProcess, *args: str) -> tuple[int, str, str]:
+def cli(daemon: InProcessDaemon, *args: str) -> tuple[int, str, str]:
     result = run_cli(*args, settings=daemon.settings_path)
     assert "Traceback" not in result.stderr
     return result.returncode, result.stdout, result.stderr
 
 
 def test_status_is_a_table_for_people_and_json_for_scripts(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.refuse_recipient("gone@example.com", "550 5.1.1 No such user")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     (_, dead_id) = enqueue(daemon, "ok@example.com", "gone@example.com")
     daemon.wait_for_counts(sent=1, dead=1)
     code, out, _ = cli(daemon, "status")
@@ -63,10 +64,10 @@ def test_status_is_a_table_for_people_and_json_for_scripts(
 
 
 def test_inspect_shows_every_attempt_with_its_reply_and_the_message(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.fail_data(times=1, reply="451 4.3.0 Try again later")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     (request_id,) = enqueue(daemon, "ada@example.com")
     daemon.wait_for_counts(sent=1)
     code, out, _ = cli(daemon, "inspect", request_id)
@@ -87,9 +88,9 @@ def test_inspect_shows_every_attempt_with_its_reply_and_the_message(
 
 
 def test_inspect_of_an_unknown_id_is_a_one_line_error(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     code, out, err = cli(daemon, "inspect", "nosuchid")
     assert code == 2 and out == ""
     assert err.strip() == f"dispatcher: no request 'nosuchid' in {daemon.settings.spool.path}"
@@ -97,10 +98,10 @@ def test_inspect_of_an_unknown_id_is_a_one_line_error(
 
 
 def test_retry_sends_a_dead_request_again_to_the_recipient_that_refused(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.refuse_recipient("fixed@example.com", "550 5.1.1 No such user")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     (request_id,) = enqueue(daemon, "fixed@example.com")
     daemon.wait_for_counts(dead=1)
     smtp_server.reset_faults()  # the mailbox now exists
@@ -117,11 +118,11 @@ def test_retry_sends_a_dead_request_again_to_the_recipient_that_refused(
 
 
 def test_retry_dead_requeues_every_dead_request(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     for name in ("a", "b", "c"):
         smtp_server.refuse_recipient(f"{name}@example.com", "550 5.7.1 Relaying denied")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     enqueue(daemon, "a@example.com", "b@example.com", "c@example.com", "ok@example.com")
     daemon.wait_for_counts(dead=3, sent=1)
     smtp_server.reset_faults()
@@ -133,10 +134,10 @@ def test_retry_dead_requeues_every_dead_request(
 
 
 def test_purge_deletes_sent_or_dead_requests_while_the_daemon_runs(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.refuse_recipient("gone@example.com", "550 5.1.1 No such user")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     ids = enqueue(daemon, "a@example.com", "b@example.com", "gone@example.com")
     daemon.wait_for_counts(sent=2, dead=1)
     assert (

@@ -9,14 +9,14 @@ import zmq
 import zmq.auth
 
 from dispatcher.client import build_frame
-from dispatcher.curve import check_bind_allowed, is_local, secure_client_socket
+from dispatcher.curve import check_bind_allowed, is_local, keygen, secure_client_socket
 from dispatcher.errors import SettingsError
 from dispatcher.handoff import Handoff
 from dispatcher.settings import ClientCurveSettings, ClientSettings, ServerCurveSettings
-from tests.daemon import DaemonProcess, run_cli, write_settings
+from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
-StartDaemon = Callable[[Path], DaemonProcess]
+RunDaemon = Callable[..., InProcessDaemon]
 CONTEXT = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 
@@ -75,7 +75,7 @@ def test_keygen_writes_a_zeromq_certificate_pair_with_a_private_secret(tmp_path:
 def keys(folder: Path) -> dict[str, Path]:
     """A server key, an authorised client key and a stranger's key, as `keygen` writes them."""
     for name in ("server", "app", "stranger"):
-        assert run_cli("keygen", name, "--dir", str(folder)).returncode == 0
+        keygen(name, folder)
     allowed = folder / "clients"
     allowed.mkdir()
     (allowed / "app.key").write_bytes((folder / "app.key").read_bytes())
@@ -97,7 +97,7 @@ def curve_push(endpoint: str, server_public: Path, secret: Path | None) -> zmq.S
 
 
 def test_only_an_authorised_key_delivers_and_refusals_are_logged(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     k = keys(tmp_path / "keys")
     endpoint = f"tcp://0.0.0.0:{free_port()}"
@@ -117,7 +117,7 @@ def test_only_an_authorised_key_delivers_and_refusals_are_logged(
             },
         },
     )
-    daemon = start_daemon(settings)
+    daemon = run_daemon(settings)
     daemon.wait_for_log("CURVE: 1 authorised client keys")
     _, frame = build_frame("welcome", to="stranger@example.com", context=CONTEXT)
     stranger = curve_push(connect, k["server_public"], k["stranger"])

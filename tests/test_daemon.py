@@ -1,9 +1,12 @@
-"""End to end: enqueue_email() -> real daemon process -> SQLite spool -> real SMTP server."""
+"""End to end: enqueue_email() -> real daemon -> SQLite spool -> real SMTP server.
+
+The daemon runs in this process unless the process is what a test is about (SIGTERM, kill -9)."""
 
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -11,10 +14,11 @@ import zmq
 
 import dispatcher
 from dispatcher.spool.sqlite import SqliteReader
-from tests.daemon import DaemonProcess, run_cli, write_settings
+from tests.daemon import DaemonProcess, InProcessDaemon, RunningDaemon, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
 StartDaemon = Callable[[Path], DaemonProcess]
+RunDaemon = Callable[..., InProcessDaemon]
 NAME = "Zoë <b>O'Brien</b> & Søn"
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
@@ -22,7 +26,7 @@ ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 pytestmark = pytest.mark.usefixtures("fresh_client")
 
 
-def enqueue(daemon: DaemonProcess, n: int, **kwargs: object) -> list[str]:
+def enqueue(daemon: RunningDaemon, n: int, **kwargs: object) -> list[str]:
     dispatcher.configure(daemon.settings_path)
     ids = []
     for i in range(n):
@@ -36,10 +40,17 @@ def enqueue(daemon: DaemonProcess, n: int, **kwargs: object) -> list[str]:
     return ids
 
 
+def recent_failures(daemon: RunningDaemon) -> list[dict[str, Any]]:
+    """What `dispatcher status` lists as failed, read from the spool."""
+    with SqliteReader(daemon.settings.spool.path) as spool:
+        return spool.recent_failures()
+
+
 def test_300_requests_arrive_once_each_correctly_rendered(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    # Render workers (the default), as a busy daemon renders.
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port), render_processes=1)
     ids = enqueue(daemon, 300)
     messages = smtp_server.wait_for(300, timeout=60)
     daemon.wait_for_counts(sent=300, queued=0, retry=0)
@@ -85,10 +96,10 @@ GARBAGE = [
 
 
 def test_garbage_frames_are_rejected_counted_and_the_daemon_keeps_running(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     port = free_port()
-    daemon = start_daemon(
+    daemon = run_daemon(
         write_settings(tmp_path, smtp_server.port, intake={"bind": f"tcp://127.0.0.1:{port}"})
     )
     # A seed-style sender: a plain PUSH socket, no client library, one JSON frame per request.
@@ -107,7 +118,7 @@ def test_garbage_frames_are_rejected_counted_and_the_daemon_keeps_running(
         (message,) = smtp_server.wait_for(1, timeout=30)
     assert message.rcpt_tos == ("seed@example.com",)
     counts = daemon.wait_for_counts(rejected=len(GARBAGE), sent=1)
-    assert daemon.process.poll() is None
+    assert daemon.alive
     assert counts["queued"] == 0
     assert "rejected: template: unknown template 'no_such_template'" in daemon.log
     assert "over the limit" in daemon.log
@@ -115,10 +126,10 @@ def test_garbage_frames_are_rejected_counted_and_the_daemon_keeps_running(
 
 
 def test_smtp_down_then_451_twice_per_message_every_mail_arrives_once(
-    tmp_path: Path, start_daemon: StartDaemon
+    tmp_path: Path, run_daemon: RunDaemon
 ) -> None:
     server = SmtpServer(port=free_port())  # not started: the mail server is down at first
-    daemon = start_daemon(write_settings(tmp_path, server.port))
+    daemon = run_daemon(write_settings(tmp_path, server.port))
     ids = enqueue(daemon, 10)
     daemon.wait_for_log("retry ")
     server.fail_data_per_message(times=2, reply="451 4.3.0 Try again later")
@@ -136,51 +147,49 @@ def test_smtp_down_then_451_twice_per_message_every_mail_arrives_once(
 
 
 def test_550_recipient_is_dead_with_the_reply_and_the_others_are_sent(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.refuse_recipient("gone@example.com", "550 5.1.1 No such user")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     dispatcher.configure(daemon.settings_path)
     dead_id = dispatcher.enqueue_email("welcome", to="gone@example.com", context=ADA)
     dispatcher.enqueue_email("welcome", to=["gone@example.com", "ok@example.com"], context=ADA)
     daemon.wait_for_counts(dead=1, sent=1)
     (message,) = smtp_server.messages
     assert message.rcpt_tos == ("ok@example.com",)
-    status = orjson.loads(run_cli("status", "--json", settings=daemon.settings_path).stdout)
-    (failure,) = [f for f in status["recent_failures"] if f["state"] == "dead"]
+    (failure,) = [f for f in recent_failures(daemon) if f["state"] == "dead"]
     assert failure["id"] == dead_id and "550 5.1.1 No such user" in failure["reason"]
-    assert status["counts"]["dead"] == 1
+    assert daemon.counts()["dead"] == 1
     assert daemon.stop() == 0
 
 
 def test_template_error_makes_the_request_dead_with_file_and_line(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     templates = tmp_path / "templates" / "broken"
     templates.mkdir(parents=True)
     (templates / "subject.txt").write_text("Hello")
     (templates / "body.txt").write_text("line one\n{{ missing.attribute }}\n")
     settings = write_settings(tmp_path, smtp_server.port, templates={"dir": "templates"})
-    daemon = start_daemon(settings)
+    daemon = run_daemon(settings)
     dispatcher.configure(settings)
     dispatcher.enqueue_email("broken", to="a@example.com")
     daemon.wait_for_counts(dead=1)
-    status = orjson.loads(run_cli("status", "--json", settings=settings).stdout)
-    reason = status["recent_failures"][0]["reason"]
+    reason = recent_failures(daemon)[0]["reason"]
     assert "broken/body.txt:2" in reason and "'missing' is undefined" in reason
     assert daemon.stop() == 0
 
 
-def test_queued_requests_survive_a_restart(tmp_path: Path, start_daemon: StartDaemon) -> None:
+def test_queued_requests_survive_a_restart(tmp_path: Path, run_daemon: RunDaemon) -> None:
     server = SmtpServer(port=free_port())
     settings = write_settings(tmp_path, server.port, retry={"backoff": [0.05, 0.2]})
-    first = start_daemon(settings)
+    first = run_daemon(settings)
     # Not due yet when the first daemon stops, so they are still queued in its spool.
     future = enqueue(first, 5, send_at=datetime.now(UTC) + timedelta(seconds=3))
     first.wait_for_counts(queued=5)
     assert first.stop() == 0
     with server:
-        second = start_daemon(settings)
+        second = run_daemon(settings)
         messages = server.wait_for(5, timeout=30)
         assert {m.message_id.strip("<>").split("@")[0] for m in messages if m.message_id} == set(
             future
@@ -222,10 +231,10 @@ def test_a_send_cut_short_by_kill_9_is_sent_again_flagged_duplicate(
 
 
 def test_a_greylisted_recipient_is_retried_alone_with_the_same_message(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     smtp_server.refuse_recipient("grey@example.com", "450 4.2.0 Greylisted, try later")
-    daemon = start_daemon(write_settings(tmp_path, smtp_server.port))
+    daemon = run_daemon(write_settings(tmp_path, smtp_server.port))
     dispatcher.configure(daemon.settings_path)
     dispatcher.enqueue_email("welcome", to=["ok@example.com", "grey@example.com"], context=ADA)
     daemon.wait_for_log("450 4.2.0 Greylisted")

@@ -1,5 +1,8 @@
 """`dispatcher dev`: daemon, capture SMTP server and preview in one process. A newcomer sends a
-mail with `dispatcher send` and finds it on the Outbox page; Ctrl-C stops everything."""
+mail with `dispatcher send` and finds it on the Outbox page; Ctrl-C stops everything.
+
+Dev runs in this process (`run_dev`) unless the command itself is tested: Ctrl-C, start-up
+errors."""
 
 import email
 import email.policy
@@ -13,9 +16,10 @@ from pathlib import Path
 from tests.daemon import ROOT, run_cli, write_settings
 from tests.smtp_server import free_port
 from tests.test_cli import assert_one_line_error
-from tests.ui import UiProcess
+from tests.ui import InProcessDev, UiProcess
 
 StartUi = Callable[..., UiProcess]
+RunDev = Callable[..., InProcessDev]
 
 
 def dev_settings(folder: Path) -> Path:
@@ -23,21 +27,21 @@ def dev_settings(folder: Path) -> Path:
     return write_settings(folder, free_port(), templates={"dir": str(ROOT / "templates")})
 
 
-def wait_for_outbox(ui: UiProcess, count: int, timeout: float = 20.0) -> list[str]:
+def wait_for_outbox(ui: InProcessDev, count: int, timeout: float = 20.0) -> list[str]:
     """Bounded poll of the Outbox page until it lists `count` messages; their ids, newest first."""
     deadline = time.monotonic() + timeout
     while True:
         ids = re.findall(r'href="/outbox/(\d+)"', ui.get("/outbox").text)
         if len(ids) >= count:
             return ids
-        if time.monotonic() > deadline or ui.process.poll() is not None:
+        if time.monotonic() > deadline or not ui.alive:
             raise AssertionError(f"Outbox lists {len(ids)} messages, expected {count}\n{ui.log}")
         time.sleep(0.05)
 
 
-def test_a_sent_mail_appears_in_the_outbox(start_ui: StartUi, tmp_path: Path) -> None:
+def test_a_sent_mail_appears_in_the_outbox(run_dev: RunDev, tmp_path: Path) -> None:
     settings = dev_settings(tmp_path)
-    ui = start_ui("dev", settings)
+    ui = run_dev(settings)
     assert ui.get("/outbox").status == 200
     assert "Nothing captured yet" in ui.get("/outbox").text
     version = ui.get("/version").text
@@ -60,27 +64,27 @@ def test_a_sent_mail_appears_in_the_outbox(start_ui: StartUi, tmp_path: Path) ->
     assert ui.get("/templates/welcome/default").status == 200  # the preview is there too
 
 
-def test_outbox_is_newest_first_and_survives_a_restart(start_ui: StartUi, tmp_path: Path) -> None:
+def test_outbox_is_newest_first_and_survives_a_restart(run_dev: RunDev, tmp_path: Path) -> None:
     settings = dev_settings(tmp_path)
-    ui = start_ui("dev", settings)
+    ui = run_dev(settings)
     for sample in ("default", "long_name"):
         sent = run_cli(
             "send", "welcome", "--to", "me@example.com", "--sample", sample, settings=settings
         )
         assert sent.returncode == 0, sent.stderr
         wait_for_outbox(ui, 1 if sample == "default" else 2)
-    assert ui.interrupt() == 0
-    again = start_ui("dev", settings)
+    assert ui.stop() == 0
+    again = run_dev(settings)
     newest, oldest = wait_for_outbox(again, 2)
     assert "Zoë" in again.get(f"/outbox/{newest}").text
     assert "Welcome to Example, Ada!" in again.get(f"/outbox/{oldest}").text
 
 
 def test_a_request_that_cannot_be_rendered_is_shown_with_its_reason(
-    start_ui: StartUi, tmp_path: Path
+    run_dev: RunDev, tmp_path: Path
 ) -> None:
     settings = dev_settings(tmp_path)
-    ui = start_ui("dev", settings)
+    ui = run_dev(settings)
     empty = tmp_path / "empty.json"
     empty.write_text("{}")
     sent = run_cli(
@@ -123,12 +127,12 @@ def test_dev_refuses_to_capture_on_a_remote_smtp_host(tmp_path: Path) -> None:
 
 
 def test_a_template_edited_while_dev_runs_is_used_for_the_next_mail(
-    start_ui: StartUi, tmp_path: Path
+    run_dev: RunDev, tmp_path: Path
 ) -> None:
     templates = tmp_path / "templates"
     shutil.copytree(ROOT / "templates", templates)
     settings = write_settings(tmp_path, free_port(), templates={"dir": str(templates)})
-    ui = start_ui("dev", settings)
+    ui = run_dev(settings, render_processes=None)  # a render worker, as dev runs by default
     assert run_cli("send", "welcome", "--to", "me@example.com", settings=settings).returncode == 0
     wait_for_outbox(ui, 1)
     (templates / "welcome" / "subject.txt").write_text("Edited for {{ name }}\n")

@@ -14,10 +14,10 @@ import dispatcher
 from dispatcher import client
 from dispatcher.errors import SettingsError
 from dispatcher.settings import MetricsSettings
-from tests.daemon import DaemonProcess, run_cli, write_settings
+from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
-StartDaemon = Callable[..., DaemonProcess]
+RunDaemon = Callable[..., InProcessDaemon]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
@@ -55,11 +55,11 @@ def depth(state: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def test_the_counters_move_when_mail_is_sent(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     port = free_port()
     settings = write_settings(tmp_path, smtp_server.port, metrics={"bind": f"127.0.0.1:{port}"})
-    daemon = start_daemon(settings)
+    daemon = run_daemon(settings)
     before = scrape(port)
     assert all(before[messages(o)] == 0 for o in ("received", "sent", "retry", "dead", "rejected"))
     assert before[depth("queued")] == 0 and before[("dispatcher_smtp_connections", ())] == 0

@@ -1,7 +1,7 @@
 """Receipts from a real daemon: only after commit, for duplicates and rejections too.
 
 A foreign sender speaking the wire protocol with plain pyzmq sockets, as docs/protocol.md
-describes it, against a real `dispatcher run` process.
+describes it, against a real daemon (running in this process).
 """
 
 import time
@@ -15,11 +15,11 @@ import zmq
 from dispatcher import overflow
 from dispatcher.spool import Finish
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
-from tests.daemon import DaemonProcess, write_settings
+from tests.daemon import InProcessDaemon, write_settings
 from tests.smtp_server import SmtpServer
 from tests.test_spool import request
 
-StartDaemon = Callable[[Path], DaemonProcess]
+RunDaemon = Callable[..., InProcessDaemon]
 
 
 def request_fields(template: str = "welcome") -> dict[str, object]:
@@ -30,7 +30,7 @@ def request_fields(template: str = "welcome") -> dict[str, object]:
 class Sender:
     """A PUSH socket to the daemon's intake and a SUB socket on its receipts for one client."""
 
-    def __init__(self, daemon: DaemonProcess, client: str) -> None:
+    def __init__(self, daemon: InProcessDaemon, client: str) -> None:
         self.context = zmq.Context()
         self.push = self.context.socket(zmq.PUSH)
         self.sub = self.context.socket(zmq.SUB)
@@ -67,13 +67,13 @@ class Sender:
 
 @pytest.fixture
 def daemon(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
-) -> Iterator[DaemonProcess]:
-    yield start_daemon(write_settings(tmp_path, smtp_server.port))
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+) -> Iterator[InProcessDaemon]:
+    yield run_daemon(write_settings(tmp_path, smtp_server.port))
 
 
 def test_a_receipt_follows_the_commit_and_comes_again_for_a_duplicate(
-    daemon: DaemonProcess,
+    daemon: InProcessDaemon,
 ) -> None:
     sender = Sender(daemon, "app1")
     try:
@@ -89,7 +89,7 @@ def test_a_receipt_follows_the_commit_and_comes_again_for_a_duplicate(
 
 
 def test_a_rejected_request_is_acknowledged_so_the_client_stops_sending_it(
-    daemon: DaemonProcess,
+    daemon: InProcessDaemon,
 ) -> None:
     sender = Sender(daemon, "app2")
     try:
@@ -101,7 +101,7 @@ def test_a_rejected_request_is_acknowledged_so_the_client_stops_sending_it(
 
 
 def test_spill_files_are_ingested_and_deleted_after_commit(
-    tmp_path: Path, daemon: DaemonProcess, smtp_server: SmtpServer
+    tmp_path: Path, daemon: InProcessDaemon, smtp_server: SmtpServer
 ) -> None:
     frames = [orjson.dumps({"id": f"s{i}", **request_fields()}) for i in range(5)]
     frames.append(b"not json")
@@ -117,7 +117,7 @@ def test_spill_files_are_ingested_and_deleted_after_commit(
 
 
 def test_sent_requests_older_than_keep_sent_are_pruned_at_start(
-    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     settings = write_settings(tmp_path, smtp_server.port, spool={"keep_sent": 3600})
     with SqliteSpool(tmp_path / "spool.sqlite3", "test") as spool:
@@ -125,7 +125,7 @@ def test_sent_requests_older_than_keep_sent_are_pruned_at_start(
         spool.record([], [Finish("ancient", "sent", time.time() - 7200, "250 ok")])
         spool.record([], [Finish("recent", "sent", time.time(), "250 ok")])
         spool.record([], [Finish("gone", "dead", time.time() - 7200, "550 no")])
-    daemon = start_daemon(settings)
+    daemon = run_daemon(settings)
     daemon.wait_for_log("pruned 1 sent requests older than 3600 s")
     with SqliteReader(tmp_path / "spool.sqlite3") as spool:
         ids = {r for (r,) in spool.db.execute("select id from requests")}

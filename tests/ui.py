@@ -1,6 +1,7 @@
-"""Real `dispatcher preview` / `dispatcher dev` processes, a templates folder they have never
-seen, and a plain HTTP client for their pages."""
+"""Real `dispatcher preview` / `dispatcher dev` processes, the preview server on a thread of the
+test process, a templates folder they have never seen, and a plain HTTP client for their pages."""
 
+import asyncio
 import re
 import signal
 import urllib.error
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import DaemonProcess, write_settings
+from dispatcher.devserver import develop
+from dispatcher.preview import PreviewServer
+from dispatcher.settings import Settings, load_settings
+from tests.daemon import DaemonProcess, InProcessDaemon, in_process, write_settings
 
 # No proxy, whatever the environment says: every request goes straight to 127.0.0.1.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -53,6 +57,12 @@ def write_templates(folder: Path) -> Path:
     return folder
 
 
+def preview_settings(folder: Path) -> Path:
+    """Settings whose templates folder is a new one from `write_templates`."""
+    write_templates(folder / "templates")
+    return write_settings(folder, 1025, templates={"dir": "templates"})
+
+
 @dataclass(frozen=True)
 class Page:
     """One HTTP answer: status, headers, and the body as text (bytes in `raw`)."""
@@ -66,6 +76,16 @@ class Page:
         return self.raw.decode("utf-8")
 
 
+def fetch(url: str, path: str) -> Page:
+    """GET a path of the UI at `url`; error statuses are answers too, not exceptions."""
+    try:
+        with _OPENER.open(url + path.lstrip("/"), timeout=20) as response:
+            return Page(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return Page(error.code, error.headers, error.read())
+
+
 class UiProcess(DaemonProcess):
     """`dispatcher preview` or `dispatcher dev` on a free port; `url` is where it serves."""
 
@@ -77,18 +97,42 @@ class UiProcess(DaemonProcess):
         self.url = found[1]
 
     def get(self, path: str) -> Page:
-        """GET a path of the UI; error statuses are answers too, not exceptions."""
-        try:
-            with _OPENER.open(self.url + path.lstrip("/"), timeout=20) as response:
-                return Page(response.status, response.headers, response.read())
-        except urllib.error.HTTPError as error:
-            with error:
-                return Page(error.code, error.headers, error.read())
+        return fetch(self.url, path)
 
     def interrupt(self, timeout: float = 30.0) -> int:
         """Ctrl-C, as a developer stops it; returns the exit status."""
         self.process.send_signal(signal.SIGINT)
         return self.process.wait(timeout)
+
+
+class InProcessPreview:
+    """The server `dispatcher preview` runs (`PreviewServer`), on its thread in this process."""
+
+    def __init__(self, settings_path: Path) -> None:
+        self.server = PreviewServer(load_settings(settings_path, environ={}), 0)
+        self.server.start()
+        self.url = self.server.url
+
+    def get(self, path: str) -> Page:
+        return fetch(self.url, path)
+
+
+class InProcessDev(InProcessDaemon):
+    """`dispatcher dev` (daemon, capture SMTP server, preview on a free port) on a thread of this
+    process; stopped as Ctrl-C stops the command. `render_processes` as for `InProcessDaemon`."""
+
+    def __init__(self, settings_path: Path, render_processes: int | None = 0) -> None:
+        super().__init__(settings_path, render_processes, serve=develop_on_a_free_port)
+        found = re.search(r"preview on (http://127\.0\.0\.1:\d+/)", self.log)
+        assert found, self.log
+        self.url = found[1]
+
+    def get(self, path: str) -> Page:
+        return fetch(self.url, path)
+
+
+async def develop_on_a_free_port(settings: Settings, stop: asyncio.Event) -> None:
+    await develop(settings, 0, stop)
 
 
 @pytest.fixture
@@ -99,8 +143,7 @@ def start_ui(tmp_path: Path) -> Iterator[Callable[..., UiProcess]]:
 
     def start(command: str = "preview", settings: Path | None = None) -> UiProcess:
         if settings is None:
-            write_templates(tmp_path / "templates")
-            settings = write_settings(tmp_path, 1025, templates={"dir": "templates"})
+            settings = preview_settings(tmp_path)
         ready = "listening on" if command == "dev" else "preview on"
         process = UiProcess(settings, command, ready)
         started.append(process)
@@ -109,3 +152,20 @@ def start_ui(tmp_path: Path) -> Iterator[Callable[..., UiProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def preview(tmp_path: Path) -> Iterator[InProcessPreview]:
+    """The preview server in this process on a never-seen templates folder; stopped (its thread
+    joined, its socket closed) after the test."""
+    preview = InProcessPreview(preview_settings(tmp_path))
+    try:
+        yield preview
+    finally:
+        preview.server.stop()
+
+
+@pytest.fixture
+def run_dev(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., InProcessDev]]:
+    """Factory: `dispatcher dev` in this process on a settings file (see `InProcessDev`)."""
+    yield from in_process(monkeypatch, InProcessDev)
