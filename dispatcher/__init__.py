@@ -7,6 +7,7 @@ from dispatcher.errors import (
     RequestTooLarge,
     SettingsError,
     TemplateError,
+    UsageError,
 )
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "RequestTooLarge",
     "SettingsError",
     "TemplateError",
+    "UsageError",
     "__version__",
     "configure",
     "enqueue_email",

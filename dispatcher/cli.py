@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, NotFound, UsageError
 from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from dispatcher.spool import Spool
 
 log = logging.getLogger("dispatcher")
-
-
-class UsageError(DispatcherError):
-    """Raised for a command-line mistake that is not about settings."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +189,7 @@ def _template_context(
     samples = renderer.samples(args.template)
     if sample not in samples:
         known = ", ".join(samples) or "none"
-        raise UsageError(f"{args.template}: no sample {sample!r} (samples: {known})")
+        raise NotFound(f"{args.template}: no sample {sample!r} (samples: {known})")
     return {**samples[sample], **context}, sample
 
 
@@ -230,7 +226,7 @@ def inspect(settings: Settings, args: argparse.Namespace) -> int:
     with _open_spool(settings) as spool:
         report = spool.inspect(args.id)
     if report is None:
-        raise UsageError(f"no request {args.id!r} in {settings.spool.path}")
+        raise NotFound(f"no request {args.id!r} in {settings.spool.path}")
     if args.json:
         message = report["message"]
         report["message"] = None if message is None else message.decode("utf-8", "replace")

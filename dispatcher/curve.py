@@ -32,7 +32,7 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from dispatcher.errors import SettingsError, StartupError
+from dispatcher.errors import SettingsError, StartupError, UsageError
 from dispatcher.permissions import owner_only, private_dir
 from dispatcher.settings import ClientSettings, IntakeSettings, ServerCurveSettings
 
@@ -138,11 +138,11 @@ def keygen(name: str, folder: Path) -> tuple[Path, Path]:
     world-readable). Existing keys are never overwritten.
     """
     if not name or "/" in name or name.startswith("."):
-        raise SettingsError(f"keygen: {name!r} is not a plain file name")
+        raise UsageError(f"keygen: {name!r} is not a plain file name")
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     for path in (public, secret):
         if path.exists():
-            raise SettingsError(f"keygen: {path} exists; refusing to overwrite a key")
+            raise UsageError(f"keygen: {path} exists; refusing to overwrite a key")
     private_dir(folder)
     with owner_only():
         zmq.auth.create_certificates(folder, name)
