@@ -1,6 +1,6 @@
 """dispatcher: transactional email that never slows a request and is never silently lost."""
 
-from dispatcher.client import configure, enqueue_email, flush
+from dispatcher.client import Client, configure, enqueue_email, flush
 from dispatcher.errors import (
     DispatcherError,
     InvalidRequest,
@@ -12,6 +12,7 @@ from dispatcher.errors import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "Client",
     "DispatcherError",
     "InvalidRequest",
     "RequestTooLarge",

@@ -132,21 +132,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def send(settings: Settings, args: argparse.Namespace) -> int:
     """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
-    from dispatcher.client import build_frame
-    from dispatcher.handoff import Handoff
+    from dispatcher.client import Client
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
     context, sample = _template_context(renderer, args)
-    handoff = Handoff(settings)
-    try:
-        request_id, frame = build_frame(
-            args.template, client=handoff.client_id, to=args.to, context=context
-        )
-        handoff.submit(request_id, frame)
-        acknowledged = handoff.flush(2 * settings.client.ack_timeout)
-    finally:
-        handoff.close(0)
+    with Client(settings) as client:
+        request_id = client.enqueue_email(args.template, to=args.to, context=context)
+        acknowledged = client.flush(2 * settings.client.ack_timeout)
     if sample and not args.sample:
         print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)
     print(request_id)
