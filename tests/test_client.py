@@ -225,7 +225,7 @@ def test_import_stays_light() -> None:
 def test_a_forked_child_uses_its_own_sockets(daemon: FakeDaemon, kind: str) -> None:
     assert daemon.settings is not None
     # The module functions (enqueue_email, flush, close) act on the default client.
-    app: Any = client if kind == "default client" else client.Client(daemon.settings)
+    app: Any = client if kind == "default client" else dispatcher.Client(daemon.settings)
     parent_id = app.enqueue_email("welcome", to="parent@example.com")
     pid = os.fork()
     if pid == 0:  # the child: must not touch the parent's socket, and must deliver
@@ -310,7 +310,7 @@ def test_an_address_only_email_validator_refuses_is_dead_with_the_reason_not_los
 
 def test_a_closed_client_opens_again_on_its_next_call(daemon: FakeDaemon) -> None:
     assert daemon.settings is not None
-    app = client.Client(daemon.settings)
+    app = dispatcher.Client(daemon.settings)
     first = app.enqueue_email("welcome", to="a@example.com")
     app.close()  # waits for the receipt: nothing pending is left behind
     second = app.enqueue_email("welcome", to="b@example.com")
