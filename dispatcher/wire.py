@@ -315,6 +315,7 @@ RULES = (
 )
 REQUIRED = ("v", "template", "to")
 _SHAPES = {rule.name: rule.shape for rule in RULES}
+_CALLER_SHAPES = _SHAPES | dict.fromkeys(("v", "id", "client"), lambda value, name: None)
 
 
 def _check_recipient_count(fields: dict[str, Any]) -> None:
@@ -330,20 +331,23 @@ def _check_recipient_count(fields: dict[str, Any]) -> None:
 # -- the two strengths -------------------------------------------------------------------------
 
 
-def check(fields: dict[str, Any], size: int) -> None:
+def check(fields: dict[str, Any], size: int, *, envelope: bool = True) -> None:
     """The shape check of a request's fields, parsed from a frame of `size` bytes.
 
-    What the client runs before sending and the daemon's intake on every frame. The context
-    is measured only when the frame is large enough to hold one over its limit.
+    What the daemon's intake runs on every frame, and the client (`encode()`) on what its
+    caller gave: `envelope=False` leaves out `v`, `id` and `client`, which the client writes
+    itself. The context is measured only when the frame is large enough to hold one over its
+    limit.
     """
+    shapes = _SHAPES if envelope else _CALLER_SHAPES
     if "cc" in fields or "bcc" in fields or not isinstance(fields.get("to"), str):
         _check_recipient_count(fields)
     if "v" not in fields or "template" not in fields or "to" not in fields:
         for name in REQUIRED:
-            _SHAPES[name](fields.get(name), name)  # raises for an absent one, saying why
+            shapes[name](fields.get(name), name)  # raises for an absent one, saying why
     for name, value in fields.items():
         try:
-            shape = _SHAPES[name]
+            shape = shapes[name]
         except KeyError:
             raise InvalidRequest(f"unknown field {name!r}") from None
         shape(value, name)
@@ -436,10 +440,14 @@ def attachment_fields(attachment: Attachment) -> dict[str, str]:
 
 
 def encode(fields: dict[str, Any]) -> bytes:
-    """The shape check and the frame of a request's fields, as `request_fields()` builds them;
-    datetime, date, Decimal and UUID values in the context become strings."""
+    """The client's shape check and frame of a request's fields, as `request_fields()` builds
+    them; datetime, date, Decimal and UUID values in the context become strings.
+
+    The envelope (`v`, `id`, `client`) is the client's own writing, so only what its caller
+    gave is checked; the daemon's intake checks every field.
+    """
     frame = _json(fields)
-    check(fields, len(frame))
+    check(fields, len(frame), envelope=False)
     if len(frame) > MAX_FRAME_BYTES:
         raise RequestTooLarge(
             f"request is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES} bytes"
