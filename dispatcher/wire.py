@@ -1,9 +1,9 @@
 """Wire protocol v1: one ZeroMQ frame holding one UTF-8 JSON object per request.
 
-Every field has one rule in `RULES`, applied at two strengths. `check()` is the shape check:
-the client runs it before sending and the daemon's intake on every frame, in a few µs, with
-addresses checked by their shape. `validate()` is the full check the render worker runs:
-addresses through email-validator, and it builds the `Request`. A request that passes the
+Every field has one rule in `RULES`, applied at two strengths. `check()` is the shape check,
+cheap enough for every call: the client runs it before sending and the daemon's intake on every
+frame, with addresses checked by their shape. `validate()` is the full check the render worker
+runs: addresses through email-validator, and it builds the `Request`. A request that passes the
 shape check and fails the full one becomes dead, with the reason. See docs/protocol.md.
 """
 
