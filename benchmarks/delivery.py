@@ -166,7 +166,7 @@ def end_to_end(folder: Path, port: int, mails: int, connections: int) -> Figures
         elapsed = wait_sent(daemon.settings.spool.path, mails, daemon.process.pid) - start
         cpu = tree_cpu_seconds(daemon.process.pid) - cpu
     finally:
-        client._state.close()
+        client.close()
         daemon.stop()
     return Figures(mails / elapsed, cpu / mails * 1000)
 

@@ -83,13 +83,13 @@ def run(settings_path: Path, calls: int, log_path: Path) -> None:
     wait_stored(settings.spool.path, stored)
     intake = (calls - refused) / (time.perf_counter() - started)
     samples = time_enqueue(calls)
-    keeper = client._state.get()
+    keeper = client._state.get()  # the default client, to read how many it re-sent
     acknowledged = dispatcher.flush(60.0)
     resent = keeper.resent
     spilled = len(overflow_ids(settings.client.overflow_dir))
     stored += calls
     wait_stored(settings.spool.path, stored)
-    client._state.close()
+    client.close()
     report(calls, floor, refused, samples, acknowledged, resent, spilled)
     print(f"  the daemon stored the floor's flood at {intake:,.0f} requests/s")
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -54,8 +56,10 @@ context.term()  # returns once every queued frame is on its way
 
 
 def frame(i: int) -> bytes:
-    fields = {"v": 1, "id": f"r{i}", "client": "bench", "template": "welcome"}
-    return wire.encode({**fields, "to": f"user{i}@example.com", "context": CONTEXT})
+    to = f"user{i}@example.com"
+    return wire.encode(
+        wire.request_fields("welcome", {"to": to, "context": CONTEXT}, id=f"r{i}", client="bench")
+    )
 
 
 def storage_ceiling(folder: Path, total: int) -> float:
@@ -114,7 +118,7 @@ def flood(folder: Path, total: int) -> tuple[float, int, int]:
                     PUSHER,
                     daemon.settings.intake.bind,
                     str(total),
-                    wire.encode(CONTEXT).decode(),
+                    orjson.dumps(CONTEXT).decode(),
                 ],
                 stdout=subprocess.PIPE,
             )

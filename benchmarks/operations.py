@@ -87,7 +87,7 @@ def retry_in(folder: Path, retries: int) -> None:
             seconds.append(time.monotonic() - start)
             daemon.wait_for_counts(dead=0, sent=i + 1)
     finally:
-        client._state.close()
+        client.close()
         daemon.stop()
         server.stop()
     print(f"dispatcher retry -> delivered: {', '.join(f'{s:.2f}' for s in seconds)} s")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
-from dispatcher.errors import DispatcherError, UsageError
+from dispatcher.errors import DispatcherError, NotFound, UsageError
 from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -132,21 +132,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def send(settings: Settings, args: argparse.Namespace) -> int:
     """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
-    from dispatcher.client import build_frame
-    from dispatcher.handoff import Handoff
+    from dispatcher.client import Client
     from dispatcher.render import Renderer
 
     renderer = Renderer(settings.templates.dir, settings.mail.from_)
     context, sample = _template_context(renderer, args)
-    handoff = Handoff(settings)
-    try:
-        request_id, frame = build_frame(
-            args.template, client=handoff.client_id, to=args.to, context=context
-        )
-        handoff.submit(request_id, frame)
-        acknowledged = handoff.flush(2 * settings.client.ack_timeout)
-    finally:
-        handoff.close(0)
+    with Client(settings) as client:
+        request_id = client.enqueue_email(args.template, to=args.to, context=context)
+        acknowledged = client.flush(2 * settings.client.ack_timeout)
     if sample and not args.sample:
         print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)
     print(request_id)
@@ -189,7 +182,7 @@ def _template_context(
     samples = renderer.samples(args.template)
     if sample not in samples:
         known = ", ".join(samples) or "none"
-        raise UsageError(f"{args.template}: no sample {sample!r} (samples: {known})")
+        raise NotFound(f"{args.template}: no sample {sample!r} (samples: {known})")
     return {**samples[sample], **context}, sample
 
 
@@ -233,7 +226,7 @@ def inspect(settings: Settings, args: argparse.Namespace) -> int:
     with _open_reader(settings) as spool:
         report = spool.inspect(args.id)
     if report is None:
-        raise UsageError(f"no request {args.id!r} in {settings.spool.path}")
+        raise NotFound(f"no request {args.id!r} in {settings.spool.path}")
     if args.json:
         message = report["message"]
         report["message"] = None if message is None else message.decode("utf-8", "replace")

@@ -1,67 +1,148 @@
-"""The app side: `enqueue_email()` validates, encodes and hands a request over without waiting.
+"""The app side: `Client.enqueue_email()` checks, encodes and hands a request over without waiting.
 
-One `Handoff` (sockets, pending requests, receipts) per process, created on first use. After
-`fork()` the child drops the parent's without touching it (an inherited socket "sends" into the
-void) and creates its own on its next call. At exit, pending requests get `client.exit_wait`
-seconds for their receipts and the rest are spilled to `client.overflow_dir`.
+A `Client` owns one `Handoff` (sockets, pending requests, receipts) per process, made on first
+use. After `fork()` the child drops the parent's without touching it (an inherited socket
+"sends" into the void) and makes its own on its next call. At exit, every client's pending
+requests get `client.exit_wait` seconds for their receipts and the rest are spilled to
+`client.overflow_dir`. The module functions use one default client per process.
 """
 
 import atexit
-import mimetypes
 import multiprocessing.util
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from pathlib import Path
-from typing import Any
+import weakref
+from types import TracebackType
+from typing import Any, Self, Unpack
 
 from dispatcher import wire
-from dispatcher.errors import InvalidRequest
 from dispatcher.handoff import Handoff
 from dispatcher.settings import Settings, load_settings
 
-AttachmentInput = wire.Attachment | tuple[str, bytes] | tuple[str, bytes, str]
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()  # every open client, to close at exit
 
 
-class _ProcessState:
-    """The per-process client and the settings it is built from."""
+class Client:
+    """Hands requests to the daemons of `settings` and keeps each until a daemon has it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._handoff: Handoff | None = None  # made on first use, in each process
+        _clients.add(self)
+
+    def enqueue_email(self, template: str, /, **options: Unpack[wire.EmailOptions]) -> str:
+        """Queue one email for the daemon and return its request id at once.
+
+        Raises `InvalidRequest` (a `ValueError`) for input that could never be sent. Never
+        blocks on the daemon and never raises because it is down: the request is kept until a
+        daemon acknowledges it, or written to `client.overflow_dir`. Addresses are checked by
+        shape here and fully (email-validator) by the daemon, which records a failure as dead.
+        """
+        return self._enqueue(template, options)
+
+    def _enqueue(self, template: str, options: wire.EmailOptions) -> str:
+        """`enqueue_email()`, with its options as one dict: passed on, not unpacked again."""
+        handoff = self._handoff or self._start()
+        request_id = handoff.new_id()
+        fields = wire.request_fields(template, options, id=request_id, client=handoff.client_id)
+        handoff.submit(request_id, wire.encode(fields))
+        return request_id
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every request of this client is acknowledged by a daemon or spilled.
+
+        True when all were acknowledged (none spilled since the last flush). Whatever is still
+        unacknowledged at `timeout` is spilled before returning, so it is durable either way.
+        """
+        return (self._handoff or self._start()).flush(timeout)
+
+    @property
+    def resent(self) -> int:
+        """Requests sent a second time for want of a receipt, by this process: a daemon
+        that keeps up sends its receipts in time, so this stays 0."""
+        return 0 if self._handoff is None else self._handoff.resent
+
+    def close(self) -> None:
+        """Wait up to `client.exit_wait` for receipts, spill the rest and release the sockets.
+
+        A closed client opens again on its next call.
+        """
+        with self._lock:
+            handoff, self._handoff = self._handoff, None
+        if handoff is not None:
+            handoff.close(self.settings.client.exit_wait)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _start(self) -> Handoff:
+        with self._lock:
+            if self._handoff is None:
+                self._handoff = Handoff(self.settings)
+            return self._handoff
+
+    def _forget(self) -> None:
+        """In a forked child: drop the parent's hand-off without closing it (never use it)."""
+        self._lock = threading.Lock()
+        self._handoff = None
+
+
+class _Default:
+    """This process's default client, and the settings `configure()` gave it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.client: Handoff | None = None
+        self.client: Client | None = None
         self.settings: Settings | None = None  # None: found and loaded on first use
 
-    def get(self) -> Handoff:
+    def get(self) -> Client:
         with self.lock:
             if self.client is None:
-                if self.settings is None:
-                    self.settings = load_settings()
-                self.client = Handoff(self.settings)
+                self.client = Client(self.settings or load_settings())
             return self.client
 
     def forget(self) -> None:
-        """In a forked child: drop the parent's client without closing it (never use it)."""
+        """In a forked child: the parent's default client is not ours."""
         self.lock = threading.Lock()
         self.client = None
 
     def close(self) -> None:
         with self.lock:
-            if self.client is not None:
-                self.client.close(self.client.settings.exit_wait)
-                self.client = None
+            client, self.client = self.client, None
+        if client is not None:
+            client.close()
 
 
-_state = _ProcessState()
-os.register_at_fork(after_in_child=_state.forget)
-atexit.register(_state.close)
+def _forget_in_child() -> None:
+    for client in list(_clients):
+        client._forget()
+    _state.forget()
+
+
+def _close_all() -> None:
+    for client in list(_clients):
+        client.close()
+
+
+_state = _Default()
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_close_all)
 # A multiprocessing child ends with os._exit(), which skips atexit but runs these finalizers.
-multiprocessing.util.Finalize(None, _state.close, exitpriority=0)
+multiprocessing.util.Finalize(None, _close_all, exitpriority=0)
 
 
 def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
     """Load and check the settings now, so a mistake fails at boot rather than in a request,
-    and the first `enqueue_email()` does not pay for it (~25 ms, mostly email-validator).
+    and the first `enqueue_email()` does not pay for it.
 
     Overrides are sections as mappings (`client={"connect": ["tcp://10.0.0.5:5559"]}`) or
     dotted keys with `__` (`smtp__port=2525`). Sockets are still made lazily, per process.
@@ -72,114 +153,16 @@ def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: 
     _state.settings = settings
 
 
-def enqueue_email(
-    template: str,
-    /,
-    *,
-    to: str | Sequence[str],
-    context: Mapping[str, Any] | None = None,
-    cc: str | Sequence[str] | None = None,
-    bcc: str | Sequence[str] | None = None,
-    reply_to: str | Sequence[str] | None = None,
-    sender: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    attachments: Iterable[AttachmentInput] | None = None,
-    send_at: datetime | None = None,
-    priority: str = "normal",
-    idempotency_key: str | None = None,
-    locale: str | None = None,
-) -> str:
-    """Queue one email for the daemon and return its request id at once.
-
-    Raises `InvalidRequest` (a `ValueError`) for input that could never be sent. Never blocks
-    on the daemon and never raises because it is down: the request is kept until a daemon
-    acknowledges it, or written to `client.overflow_dir`. Addresses are checked by shape here
-    and fully (email-validator) by the daemon, which records a failure as rejected.
-    """
-    handoff = _state.client or _state.get()
-    request_id = handoff.new_id()
-    fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "client": handoff.client_id,
-                              "template": template, "to": _wire_value(to)}  # fmt: skip
-    if context is not None:
-        fields["context"] = context if isinstance(context, dict) else _wire_value(context)
-    if (
-        cc is not None or bcc is not None or reply_to is not None or sender is not None
-        or headers is not None or attachments is not None or send_at is not None
-        or idempotency_key is not None or locale is not None or priority != "normal"
-    ):  # fmt: skip
-        fields.update(
-            _options(cc=cc, bcc=bcc, reply_to=reply_to, sender=sender, headers=headers,
-                     attachments=attachments, send_at=send_at, priority=priority,
-                     idempotency_key=idempotency_key, locale=locale)
-        )  # fmt: skip
-    handoff.submit(request_id, wire.encode_checked(fields))
-    return request_id
-
-
-def build_frame(
-    template: str, /, *, client: str | None = None, **options: Any
-) -> tuple[str, bytes]:
-    """Check a request given as `enqueue_email()` arguments; returns its new id and frame."""
-    request_id = wire.new_id()
-    fields: dict[str, Any] = {"v": wire.VERSION, "id": request_id, "template": template}
-    if client is not None:
-        fields["client"] = client
-    fields.update(_options(**options))
-    return request_id, wire.encode_checked(fields)
+def enqueue_email(template: str, /, **options: Unpack[wire.EmailOptions]) -> str:
+    """`Client.enqueue_email()` on this process's default client (see `configure()`)."""
+    return (_state.client or _state.get())._enqueue(template, options)
 
 
 def flush(timeout: float = 5.0) -> bool:
-    """Wait until every request of this process is acknowledged by a daemon or spilled.
-
-    True when all were acknowledged (none spilled since the last flush). Whatever is still
-    unacknowledged at `timeout` is spilled before returning, so it is durable either way.
-    """
+    """`Client.flush()` on this process's default client."""
     return _state.get().flush(timeout)
 
 
-def _options(**options: Any) -> dict[str, Any]:
-    """The given options in wire form (files in base64, times as ISO 8601)."""
-    fields = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name == "attachments":
-            value = [_attachment(a) for a in value]
-        elif name == "send_at":
-            value = _send_at(value)
-        fields[name] = _wire_value(value)
-    return fields
-
-
-def _wire_value(value: Any) -> Any:
-    """What orjson encodes as JSON: a mapping as a dict, a tuple of addresses as a list."""
-    if isinstance(value, (str, dict, list)):
-        return value
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _attachment(item: AttachmentInput) -> dict[str, str]:
-    if isinstance(item, wire.Attachment):
-        return wire.attachment_fields(item)
-    if not isinstance(item, tuple) or len(item) not in (2, 3):
-        raise InvalidRequest(
-            "attachments: expected (filename, content) or (filename, content, type)"
-        )
-    filename, content = item[0], item[1]
-    if not isinstance(content, bytes):
-        raise InvalidRequest(f"attachments: content of {filename!r} must be bytes")
-    guessed = mimetypes.guess_type(Path(str(filename)).name)[0] or "application/octet-stream"
-    content_type = item[2] if len(item) == 3 else guessed
-    return wire.attachment_fields(wire.Attachment(filename, content_type, content))
-
-
-def _send_at(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if not isinstance(moment, datetime) or moment.utcoffset() is None:
-        raise InvalidRequest("send_at: expected a timezone-aware datetime")
-    return moment.isoformat()
+def close() -> None:
+    """`Client.close()` on this process's default client; the next call makes a new one."""
+    _state.close()

@@ -19,7 +19,6 @@ socket (`intake.acks`) on the daemon, the PUSH and SUB sockets of the client.
 """
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import Counter
@@ -32,7 +31,8 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from dispatcher.errors import SettingsError, StartupError
+from dispatcher.errors import SettingsError, StartupError, UsageError
+from dispatcher.hosts import is_loopback
 from dispatcher.permissions import owner_only, private_dir
 from dispatcher.settings import ClientSettings, IntakeSettings, ServerCurveSettings
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "dispatcher"
 # A refused client reconnects every ~100 ms; one log line per peer and reason this often is enough.
 REFUSAL_LOG_INTERVAL = 60.0
-_LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 def check_bind_allowed(key: str, endpoint: str, curve: ServerCurveSettings | None) -> None:
@@ -65,13 +64,7 @@ def is_local(endpoint: str) -> bool:
     scheme, _, address = endpoint.partition("://")
     if scheme in ("ipc", "inproc"):
         return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '*', an interface name or a host name: may well face a network
-        return False
+    return is_loopback(address.rpartition(":")[0])
 
 
 def secure_server_socket(socket: zmq.Socket[Any], intake: IntakeSettings) -> None:
@@ -138,11 +131,11 @@ def keygen(name: str, folder: Path) -> tuple[Path, Path]:
     world-readable). Existing keys are never overwritten.
     """
     if not name or "/" in name or name.startswith("."):
-        raise SettingsError(f"keygen: {name!r} is not a plain file name")
+        raise UsageError(f"keygen: {name!r} is not a plain file name")
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     for path in (public, secret):
         if path.exists():
-            raise SettingsError(f"keygen: {path} exists; refusing to overwrite a key")
+            raise UsageError(f"keygen: {path} exists; refusing to overwrite a key")
     private_dir(folder)
     with owner_only():
         zmq.auth.create_certificates(folder, name)

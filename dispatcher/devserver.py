@@ -6,7 +6,6 @@ still reach the capture server.
 """
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from dispatcher.errors import StartupError
+from dispatcher.hosts import is_loopback
 from dispatcher.outbox import Outbox
 from dispatcher.preview import PreviewServer
 from dispatcher.service import Daemon
@@ -43,11 +43,7 @@ class CaptureHandler:
 
 async def start_capture(outbox: Outbox, host: str, port: int) -> asyncio.Server:
     """Listen for SMTP on host:port; refuses anything but a loopback address."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise StartupError(
             f"smtp.host: dev captures mail on smtp.host, which must be a loopback address "
             f"(got {host!r}); use the shipped settings or DISPATCHER_SMTP__HOST=127.0.0.1"

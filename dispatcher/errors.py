@@ -21,6 +21,14 @@ class RequestTooLarge(InvalidRequest):
     """Raised when an encoded request exceeds the wire protocol's size limit."""
 
 
+class UsageError(DispatcherError, ValueError):
+    """Raised when a command is used wrongly: a bad argument, or a key it would overwrite."""
+
+
+class NotFound(UsageError):
+    """Raised when a named template, sample, message or file does not exist."""
+
+
 class TemplateError(DispatcherError):
     """Raised when a template is missing, does not compile or fails to render.
 
@@ -39,7 +47,3 @@ class StartupError(DispatcherError):
 
 class SpoolError(DispatcherError):
     """Raised when the spool cannot be opened or read: missing, unreadable, or of a newer schema."""
-
-
-class UsageError(DispatcherError, ValueError):
-    """Raised when a command is used wrongly: a bad option, or a request or sample not there."""

@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import jinja2
 
-from dispatcher.errors import InvalidRequest, SpoolError, StartupError, TemplateError
+from dispatcher.errors import InvalidRequest, NotFound, SpoolError, StartupError, TemplateError
 from dispatcher.outbox import Outbox
 from dispatcher.render import Renderer
 from dispatcher.settings import Settings
@@ -60,10 +60,6 @@ class Response:
     content_type: str = "text/html; charset=utf-8"
     status: HTTPStatus = HTTPStatus.OK
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class NotFound(Exception):
-    """Raised by a route for a template, sample, message or file that does not exist."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ are read as YAML scalars, so `DISPATCHER_CLIENT__CONNECT='[tcp://10.0.0.5:5559]'
 Relative paths are relative to the settings file's folder (the working directory without one).
 """
 
-import ipaddress
 import os
 import types
 import typing
@@ -19,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from dispatcher.errors import SettingsError
+from dispatcher.hosts import is_loopback
 
 ENV_PREFIX = "DISPATCHER_"
 SETTINGS_ENV = "DISPATCHER_SETTINGS"
@@ -141,11 +141,7 @@ class MetricsSettings:
             return None
         host, _, port = self.bind.rpartition(":")
         host = host.strip("[]")
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not (loopback and port.isdigit() and 0 < int(port) < 65536):
+        if not (is_loopback(host) and port.isdigit() and 0 < int(port) < 65536):
             raise SettingsError(
                 f"metrics.bind: expected a loopback HOST:PORT such as 127.0.0.1:9464,"
                 f" got {self.bind!r}"

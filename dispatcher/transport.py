@@ -7,7 +7,6 @@ Only programming errors and cancellation propagate.
 
 import asyncio
 import email.utils
-import ipaddress
 import logging
 import re
 import time
@@ -25,6 +24,7 @@ from aiosmtplib import (
 )
 
 from dispatcher.errors import SettingsError
+from dispatcher.hosts import is_loopback
 from dispatcher.settings import SmtpSettings
 
 log = logging.getLogger(__name__)
@@ -236,21 +236,12 @@ class SmtpConnection:
 
 def credential_warnings(settings: SmtpSettings) -> list[str]:
     """What `dispatcher check` warns about: credentials that would cross a network in clear."""
-    if settings.username is None or settings.security != "none" or _is_loopback(settings.host):
+    if settings.username is None or settings.security != "none" or is_loopback(settings.host):
         return []
     return [
         f"smtp: the username and password would be sent to {settings.host} without TLS"
         " (smtp.security: none); use starttls or tls"
     ]
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def _per_recipient(

@@ -1,19 +1,22 @@
 """Wire protocol v1: one ZeroMQ frame holding one UTF-8 JSON object per request.
 
-The daemon runs `validate()` on every frame: all the rules, addresses through email-validator.
-The client runs `encode_checked()`: the same rules, but addresses only by their shape, so a bad
-call still raises at once in the caller's stack and a typical request costs ~2 µs instead of
-~12 µs. What only the daemon checks is recorded there as rejected. See docs/protocol.md.
+Every field has one rule in `RULES`, applied at two strengths. `check()` is the shape check,
+cheap enough for every call: the client runs it before sending and the daemon's intake on every
+frame, with addresses checked by their shape. `validate()` is the full check the render worker
+runs: addresses through email-validator, and it builds the `Request`. A request that passes the
+shape check and fails the full one becomes dead, with the reason. See docs/protocol.md.
 """
 
 import base64
+import mimetypes
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from pathlib import PurePath
+from typing import Any, Required, TypedDict, TypeVar
 
 import orjson
 
@@ -32,19 +35,18 @@ MAX_ATTACHMENT_BYTES = 2 * 1024 * 1024  # decoded, each; the frame limit bounds 
 MAX_CONTEXT_BYTES = 64 * 1024  # the context as JSON
 MAX_HEADERS = 20  # extra headers of one request
 MAX_HEADER_CHARS = 900  # one extra header's value
+MAX_TEXT_CHARS = 200  # an id, idempotency key or locale
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-LOCALE = re.compile(r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")
-HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
+# Anchored with \Z, not $: `$` also matches before a final newline ("welcome\n").
+TEMPLATE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+REQUEST_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
+LOCALE = re.compile(r"\A[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*\Z")
+HEADER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]{0,75}\Z")
+MIME_TYPE = re.compile(r"\A[\w.+-]+/[\w.+-]+\Z")
 # Headers the dispatcher writes itself; a request may not set or duplicate them.
 RESERVED_HEADERS = frozenset(
     "from to cc bcc reply-to sender subject date message-id mime-version content-type"
     " content-transfer-encoding return-path received".split()
-)
-FIELDS = frozenset(
-    "v id client template to context cc bcc reply_to sender headers attachments send_at"
-    " priority idempotency_key locale".split()
 )
 ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
 
@@ -58,9 +60,12 @@ class Attachment:
     content: bytes
 
 
+AttachmentInput = Attachment | tuple[str, bytes] | tuple[str, bytes, str]
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated request, as the daemon stores and renders it."""
+    """A request that passed the full check, as the daemon stores and renders it."""
 
     id: str
     template: str
@@ -85,9 +90,369 @@ class Request:
         return list(seen)
 
 
+class EmailOptions(TypedDict, total=False):
+    """A request as `enqueue_email()` takes it after the template name: Python values."""
+
+    to: Required[str | Sequence[str]]  # an address ("Name <addr>" too), or a list of them
+    context: Mapping[str, Any] | None  # JSON, plus datetime, date, Decimal and UUID
+    cc: str | Sequence[str] | None
+    bcc: str | Sequence[str] | None
+    reply_to: str | Sequence[str] | None
+    sender: str | None
+    headers: Mapping[str, str] | None
+    attachments: Iterable[AttachmentInput] | None  # guessed from the file name without a type
+    send_at: datetime | None  # timezone-aware
+    priority: str  # "high", "normal" or "low"
+    idempotency_key: str | None
+    locale: str | None
+
+
+# -- the rules ---------------------------------------------------------------------------------
+
+T = TypeVar("T")
+# A rule's check: it gets a field's value (None when absent) and name, raises `InvalidRequest`
+# saying why, and returns the value a `Request` holds (the shape check ignores it).
+Check = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One field of a request: how to check its shape, and how to validate it fully.
+
+    The full check refuses whatever the shape check refuses; the two differ only where the
+    full one costs more (addresses, the context's size) or converts the value.
+    """
+
+    name: str
+    shape: Check
+    full: Check
+
+
 def new_id() -> str:
     """A fresh request id: random, so clients never need to coordinate."""
     return uuid.uuid4().hex
+
+
+def _version(value: object, name: str) -> int:
+    if value != VERSION:
+        raise InvalidRequest(f"{name}: unsupported protocol version {value!r}, expected 1")
+    return VERSION
+
+
+def _text(pattern: re.Pattern[str] | None = None) -> Check:
+    """The rule of an optional string of at most MAX_TEXT_CHARS, matching `pattern` if given."""
+
+    def rule(value: object, name: str) -> str | None:
+        if value is None:
+            return None
+        if (
+            not isinstance(value, str)
+            or len(value) > MAX_TEXT_CHARS
+            or not (pattern is None or pattern.match(value))
+        ):
+            raise InvalidRequest(f"{name}: {value!r} is not valid")
+        return value
+
+    return rule
+
+
+def _or_new_id(rule: Check) -> Check:
+    """`rule`, and a new id when the value is absent."""
+
+    def with_default(value: object, name: str) -> str:
+        return rule(value, name) or new_id()
+
+    return with_default
+
+
+def _template(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name}: a template name (string) is required")
+    if not TEMPLATE_NAME.match(value):
+        raise InvalidRequest(
+            f"{name}: {value!r} is not a template name (letters, digits, '_' and '-' only)"
+        )
+    return value
+
+
+def _addresses(one: Callable[[object, str], T], *, required: bool = False) -> Check:
+    """The rule of an address or list of addresses, each checked by `one`: `check_address`
+    (the shape) or `parse_address` (the full check)."""
+
+    def rule(value: object, name: str) -> tuple[T, ...]:
+        if isinstance(value, str):  # the common case: one address
+            return (one(value, f"{name}[0]"),)
+        if value is None or value == []:
+            if required:
+                raise InvalidRequest(f"{name}: at least one recipient is required")
+            return ()
+        if not isinstance(value, list):
+            raise InvalidRequest(f"{name}: expected an address or a list of addresses")
+        return tuple(one(item, f"{name}[{i}]") for i, item in enumerate(value))
+
+    return rule
+
+
+def _address(one: Callable[[object, str], T]) -> Check:
+    """The rule of an optional single address, checked by `one`."""
+
+    def rule(value: object, name: str) -> T | None:
+        return None if value is None else one(value, name)
+
+    return rule
+
+
+def _object(value: object, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{name}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _context(value: object, name: str) -> dict[str, Any]:
+    """An object of at most MAX_CONTEXT_BYTES as JSON: measured by encoding it."""
+    context = _object(value, name)
+    size = len(_json(context))
+    if size > MAX_CONTEXT_BYTES:
+        raise RequestTooLarge(
+            f"{name}: {size} bytes as JSON, at most {MAX_CONTEXT_BYTES} bytes are allowed"
+        )
+    return context
+
+
+def _headers(value: object, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{name}: expected an object of header names to values")
+    if len(value) > MAX_HEADERS:
+        raise InvalidRequest(f"{name}: {len(value)} headers, at most {MAX_HEADERS} are allowed")
+    for header, text in value.items():
+        if not HEADER_NAME.match(header):
+            raise InvalidRequest(f"{name}: {header!r} is not a valid header name")
+        if header.lower() in RESERVED_HEADERS:
+            raise InvalidRequest(f"{name}: {header} is set by the dispatcher, not by requests")
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{name}.{header}: expected a string")
+        check_header_text(text, f"{name}.{header}")
+        if len(text) > MAX_HEADER_CHARS:
+            raise InvalidRequest(
+                f"{name}.{header}: at most {MAX_HEADER_CHARS} characters are allowed"
+            )
+    return value
+
+
+def _attachments(value: object, name: str) -> tuple[Attachment, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name}: expected a list")
+    if len(value) > MAX_ATTACHMENTS:
+        raise InvalidRequest(f"{name}: {len(value)} files, at most {MAX_ATTACHMENTS} are allowed")
+    return tuple(_attachment(item, f"{name}[{i}]") for i, item in enumerate(value))
+
+
+def _attachment(item: object, where: str) -> Attachment:
+    if not isinstance(item, dict) or not {"filename", "data"} <= item.keys():
+        raise InvalidRequest(f"{where}: expected an object with 'filename' and 'data'")
+    filename = item["filename"]
+    content_type = item.get("content_type", "application/octet-stream")
+    if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
+        raise InvalidRequest(f"{where}.filename: expected a plain file name")
+    check_header_text(filename, f"{where}.filename")
+    if not isinstance(content_type, str) or not MIME_TYPE.match(content_type):
+        raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
+    try:
+        content = base64.b64decode(item["data"], validate=True)
+    except (ValueError, TypeError):
+        raise InvalidRequest(f"{where}.data: expected base64") from None
+    if len(content) > MAX_ATTACHMENT_BYTES:
+        raise InvalidRequest(
+            f"{where}: {len(content)} bytes, at most {MAX_ATTACHMENT_BYTES} bytes per file"
+        )
+    return Attachment(filename, content_type, content)
+
+
+def _send_at(value: object, name: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return moment
+    raise InvalidRequest(f"{name}: expected an ISO 8601 time with a UTC offset, got {value!r}")
+
+
+def _priority(value: object, name: str) -> str:
+    if value is None:
+        return "normal"
+    if value not in PRIORITIES:
+        raise InvalidRequest(f"{name}: {value!r} is not one of high, normal, low")
+    return str(value)
+
+
+RULES = (
+    Rule("v", _version, _version),
+    Rule("id", _text(REQUEST_ID), _or_new_id(_text(REQUEST_ID))),
+    Rule("client", _text(REQUEST_ID), _text(REQUEST_ID)),
+    Rule("template", _template, _template),
+    Rule("to", _addresses(check_address, required=True), _addresses(parse_address, required=True)),
+    Rule("cc", _addresses(check_address), _addresses(parse_address)),
+    Rule("bcc", _addresses(check_address), _addresses(parse_address)),
+    Rule("reply_to", _addresses(check_address), _addresses(parse_address)),
+    Rule("sender", _address(check_address), _address(parse_address)),
+    Rule("context", _object, _context),  # the shape check measures it only in a large frame
+    Rule("headers", _headers, _headers),
+    Rule("attachments", _attachments, _attachments),
+    Rule("send_at", _send_at, _send_at),
+    Rule("priority", _priority, _priority),
+    Rule("idempotency_key", _text(), _text()),
+    Rule("locale", _text(LOCALE), _text(LOCALE)),
+)
+REQUIRED = ("v", "template", "to")
+_SHAPES = {rule.name: rule.shape for rule in RULES}
+_CALLER_SHAPES = _SHAPES | dict.fromkeys(("v", "id", "client"), lambda value, name: None)
+
+
+def _check_recipient_count(fields: dict[str, Any]) -> None:
+    """Count before checking: a frame of 100,000 addresses must not cost 100,000 checks."""
+    counted = [fields.get(name) for name in ("to", "cc", "bcc")]
+    total = sum(len(v) if isinstance(v, list) else 1 for v in counted if v is not None)
+    if total > MAX_RECIPIENTS:
+        raise InvalidRequest(
+            f"to, cc, bcc: {total} recipients; at most {MAX_RECIPIENTS} recipients per request"
+        )
+
+
+# -- the two strengths -------------------------------------------------------------------------
+
+
+def check(fields: dict[str, Any], size: int, *, envelope: bool = True) -> None:
+    """The shape check of a request's fields, parsed from a frame of `size` bytes.
+
+    What the daemon's intake runs on every frame, and the client (`encode()`) on what its
+    caller gave: `envelope=False` leaves out `v`, `id` and `client`, which the client writes
+    itself. The context is measured only when the frame is large enough to hold one over its
+    limit.
+    """
+    shapes = _SHAPES if envelope else _CALLER_SHAPES
+    if "cc" in fields or "bcc" in fields or not isinstance(fields.get("to"), str):
+        _check_recipient_count(fields)
+    if "v" not in fields or "template" not in fields or "to" not in fields:
+        for name in REQUIRED:
+            shapes[name](fields.get(name), name)  # raises for an absent one, saying why
+    for name, value in fields.items():
+        try:
+            shape = shapes[name]
+        except KeyError:
+            raise InvalidRequest(f"unknown field {name!r}") from None
+        shape(value, name)
+    if size > MAX_CONTEXT_BYTES:
+        _context(fields.get("context"), "context")
+
+
+def validate(fields: object) -> Request:
+    """The full check of a decoded request, which builds the `Request` the daemon renders."""
+    if not isinstance(fields, dict):
+        raise InvalidRequest(f"expected a JSON object, got {type(fields).__name__}")
+    unknown = fields.keys() - _SHAPES.keys()
+    if unknown:
+        raise InvalidRequest(f"unknown field {min(unknown, key=str)!r}")
+    _check_recipient_count(fields)
+    values = {rule.name: rule.full(fields.get(rule.name), rule.name) for rule in RULES}
+    del values["v"]  # checked; not part of a Request
+    return Request(**values)
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+def request_fields(
+    template: str, options: EmailOptions, *, id: str | None = None, client: str | None = None
+) -> dict[str, Any]:
+    """A request's wire fields from `enqueue_email()`'s arguments, not yet checked.
+
+    Files become base64, times ISO 8601, mappings and tuples JSON objects and lists; an
+    option given as None is absent. Without an `id` it gets a new one; without a `client`
+    the daemon sends no receipt.
+    """
+    fields: dict[str, Any] = {"v": VERSION, "id": id or new_id(), "template": template, **options}
+    if client is not None:
+        fields["client"] = client
+    for name, value in options.items():
+        if value is None:
+            del fields[name]
+        elif name in _CONVERT or value.__class__ not in _JSON_TYPES:
+            fields[name] = _CONVERT.get(name, _plain)(value)
+    return fields
+
+
+_JSON_TYPES = frozenset((str, list, dict, int, float, bool))
+
+
+def _plain(value: Any) -> Any:
+    """What orjson encodes as JSON: a mapping as a dict, a tuple of addresses as a list."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _attachment_list(items: Iterable[AttachmentInput]) -> list[dict[str, str]]:
+    return [attachment_fields(_as_attachment(item)) for item in items]
+
+
+def _as_attachment(item: AttachmentInput) -> Attachment:
+    if isinstance(item, Attachment):
+        return item
+    if not isinstance(item, tuple) or len(item) not in (2, 3):
+        raise InvalidRequest(
+            "attachments: expected (filename, content) or (filename, content, type)"
+        )
+    filename, content = item[0], item[1]
+    if not isinstance(content, bytes):
+        raise InvalidRequest(f"attachments: content of {filename!r} must be bytes")
+    guessed = mimetypes.guess_type(PurePath(str(filename)).name)[0] or "application/octet-stream"
+    return Attachment(filename, item[2] if len(item) == 3 else guessed, content)
+
+
+def _iso_time(moment: object) -> str:
+    if not isinstance(moment, datetime) or moment.utcoffset() is None:
+        raise InvalidRequest("send_at: expected a timezone-aware datetime")
+    return moment.isoformat()
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {"attachments": _attachment_list, "send_at": _iso_time}
+
+
+def attachment_fields(attachment: Attachment) -> dict[str, str]:
+    """An attachment in wire form."""
+    return {
+        "filename": attachment.filename,
+        "content_type": attachment.content_type,
+        "data": base64.b64encode(attachment.content).decode("ascii"),
+    }
+
+
+def encode(fields: dict[str, Any]) -> bytes:
+    """The client's shape check and frame of a request's fields, as `request_fields()` builds
+    them; datetime, date, Decimal and UUID values in the context become strings.
+
+    The envelope (`v`, `id`, `client`) is the client's own writing, so only what its caller
+    gave is checked; the daemon's intake checks every field.
+    """
+    frame = _json(fields)
+    check(fields, len(frame), envelope=False)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise RequestTooLarge(
+            f"request is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES} bytes"
+        )
+    return frame
 
 
 def _default(value: object) -> object:
@@ -98,41 +463,11 @@ def _default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-def encode(fields: Mapping[str, Any]) -> bytes:
-    """Encode a request's fields into one frame; datetime, date, Decimal and UUID become strings."""
-    frame = _json(fields)
-    _check_frame_size(frame)
-    return frame
-
-
-def _json(fields: Mapping[str, Any]) -> bytes:
+def _json(value: Mapping[str, Any]) -> bytes:
     try:
-        return orjson.dumps(fields, default=_default, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError as exc:
+        return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:  # also orjson's nesting limit
         raise InvalidRequest(f"context: cannot be encoded as JSON: {exc}") from None
-
-
-def _check_frame_size(frame: bytes) -> None:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise RequestTooLarge(
-            f"request is {len(frame)} bytes, over the limit of {MAX_FRAME_BYTES} bytes"
-        )
-
-
-def encode_checked(fields: dict[str, Any]) -> bytes:
-    """The client's check and encoding of a request it built, with its `id` and `client`.
-
-    Every rule of `validate()` except email-validator's part of the address check (see
-    `check_address`). The context's size is bounded by the frame's, so it is measured on its
-    own only when the frame is near the limit. The common request (one recipient, a context)
-    takes the short way.
-    """
-    _check_request(fields)
-    frame = _json(fields)
-    if len(frame) > MAX_CONTEXT_BYTES:  # rare: only then can the context be over its limit
-        _check_context_size(fields)
-        _check_frame_size(frame)
-    return frame
 
 
 def parse(frame: bytes) -> dict[str, Any]:
@@ -148,76 +483,8 @@ def parse(frame: bytes) -> dict[str, Any]:
     return fields
 
 
-def check(fields: dict[str, Any], size: int) -> None:
-    """The daemon's intake check of a parsed frame of `size` bytes, in a few µs.
-
-    Every rule of `validate()` but email-validator's part of the address check (see
-    `check_address`), which costs the most and runs when the request is rendered: an address
-    only email-validator refuses makes the request dead there, with the reason.
-    """
-    if not FIELDS.issuperset(fields):
-        raise InvalidRequest(f"unknown field {sorted(set(fields) - FIELDS)[0]!r}")
-    if fields.get("v") != VERSION:
-        raise InvalidRequest(f"v: unsupported protocol version {fields.get('v')!r}, expected 1")
-    _optional_str(fields, "id", REQUEST_ID)
-    _optional_str(fields, "client", REQUEST_ID)
-    _check_request(fields)
-    if size > MAX_CONTEXT_BYTES:
-        _check_context_size(fields)
-
-
-def _check_request(fields: dict[str, Any]) -> None:
-    """What the client and the daemon's intake check alike; the common request (one
-    recipient, a context) takes the short way."""
-    template = fields.get("template")
-    if not (isinstance(template, str) and TEMPLATE_NAME.match(template)):
-        _template(template)  # raises, saying why
-    to = fields.get("to")
-    if isinstance(to, str) and "cc" not in fields and "bcc" not in fields:
-        check_address(to, "to[0]")  # one recipient: nothing to count
-    else:
-        _check_recipients(fields)
-    context = fields.get("context")
-    if context is not None and not isinstance(context, dict):
-        raise InvalidRequest(f"context: expected an object, got {type(context).__name__}")
-    if not _COMMON_FIELDS.issuperset(fields):
-        _check_options(fields)
-
-
-def _check_context_size(fields: dict[str, Any]) -> None:
-    if fields.get("context") is not None:
-        _context(fields["context"])
-
-
-_COMMON_FIELDS = frozenset(("v", "id", "client", "template", "to", "context"))
-
-
-def _check_recipients(fields: dict[str, Any]) -> None:
-    _check_recipient_count(fields)
-    if not fields.get("to"):
-        raise InvalidRequest("to: at least one recipient is required")
-    for name in ("to", "cc", "bcc"):
-        value = fields.get(name)
-        if value is not None:
-            _check_addresses(value, name)
-
-
-def _check_options(fields: dict[str, Any]) -> None:
-    """The rarely given fields, each checked as `validate()` does."""
-    if fields.get("reply_to") is not None:
-        _check_addresses(fields["reply_to"], "reply_to")
-    if fields.get("sender") is not None:
-        check_address(fields["sender"], "sender")
-    _headers(fields.get("headers"))
-    _attachments(fields.get("attachments"))
-    _send_at(fields.get("send_at"))
-    _priority(fields.get("priority", "normal"))
-    _optional_str(fields, "idempotency_key")
-    _optional_str(fields, "locale", LOCALE)
-
-
 def decode(frame: bytes) -> Request:
-    """Parse and validate one frame from the socket; every failure is an `InvalidRequest`."""
+    """Parse and fully check one frame; every failure is an `InvalidRequest`."""
     return validate(parse(frame))
 
 
@@ -238,36 +505,8 @@ def sender_of(frame: bytes) -> tuple[str, str] | None:
     return None
 
 
-def validate(fields: object) -> Request:
-    """Check every field of a decoded request and build the `Request` the daemon works with."""
-    if not isinstance(fields, dict):
-        raise InvalidRequest(f"expected a JSON object, got {type(fields).__name__}")
-    if not FIELDS.issuperset(fields):
-        raise InvalidRequest(f"unknown field {sorted(set(fields) - FIELDS)[0]!r}")
-    if fields.get("v") != VERSION:
-        raise InvalidRequest(f"v: unsupported protocol version {fields.get('v')!r}, expected 1")
-    _check_recipient_count(fields)
-    lists = {name: _addresses(fields.get(name), name) for name in ADDRESS_LIST_FIELDS}
-    if not lists["to"]:
-        raise InvalidRequest("to: at least one recipient is required")
-    return Request(
-        id=_optional_str(fields, "id", REQUEST_ID) or new_id(),
-        template=_template(fields.get("template")),
-        context=_context(fields.get("context")),
-        sender=None if fields.get("sender") is None else parse_address(fields["sender"], "sender"),
-        headers=_headers(fields.get("headers")),
-        attachments=_attachments(fields.get("attachments")),
-        send_at=_send_at(fields.get("send_at")),
-        priority=_priority(fields.get("priority", "normal")),
-        idempotency_key=_optional_str(fields, "idempotency_key"),
-        locale=_optional_str(fields, "locale", LOCALE),
-        client=_optional_str(fields, "client", REQUEST_ID),
-        **lists,
-    )
-
-
 def to_fields(request: Request) -> dict[str, Any]:
-    """The wire form of a validated request: what the spool stores and `decode` reads back."""
+    """The wire form of a checked request: what the spool stores and `validate` reads back."""
     fields: dict[str, Any] = {"v": VERSION, "id": request.id, "template": request.template}
     for name in ADDRESS_LIST_FIELDS:
         addresses = getattr(request, name)
@@ -286,154 +525,3 @@ def to_fields(request: Request) -> dict[str, Any]:
     }
     fields.update((k, v) for k, v in optional.items() if v is not None)
     return fields
-
-
-def attachment_fields(attachment: Attachment) -> dict[str, str]:
-    """An attachment in wire form."""
-    return {
-        "filename": attachment.filename,
-        "content_type": attachment.content_type,
-        "data": base64.b64encode(attachment.content).decode("ascii"),
-    }
-
-
-def _template(value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest("template: a template name (string) is required")
-    if not TEMPLATE_NAME.match(value):
-        raise InvalidRequest(
-            f"template: {value!r} is not a template name (letters, digits, '_' and '-' only)"
-        )
-    return value
-
-
-def _check_recipient_count(fields: dict[str, Any]) -> None:
-    """Count before parsing: a frame of 100,000 addresses must not cost 100,000 validations."""
-    counted = [fields.get(name) for name in ("to", "cc", "bcc")]
-    total = sum(len(v) if isinstance(v, list) else 1 for v in counted if v is not None)
-    if total > MAX_RECIPIENTS:
-        raise InvalidRequest(
-            f"to, cc, bcc: {total} recipients; at most {MAX_RECIPIENTS} recipients per request"
-        )
-
-
-def _addresses(value: object, name: str) -> tuple[Address, ...]:
-    if value is None:
-        return ()
-    items: Iterable[object] = [value] if isinstance(value, str) else value  # type: ignore[assignment]
-    if not isinstance(items, list):
-        raise InvalidRequest(f"{name}: expected an address or a list of addresses")
-    return tuple(parse_address(item, f"{name}[{i}]") for i, item in enumerate(items))
-
-
-def _check_addresses(value: object, name: str) -> None:
-    if isinstance(value, str):
-        check_address(value, f"{name}[0]")
-        return
-    if not isinstance(value, list):
-        raise InvalidRequest(f"{name}: expected an address or a list of addresses")
-    for i, item in enumerate(value):
-        check_address(item, f"{name}[{i}]")
-
-
-def _context(value: object) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"context: expected an object, got {type(value).__name__}")
-    try:
-        size = len(orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError as exc:  # also orjson's nesting limit
-        raise InvalidRequest(f"context: cannot be encoded as JSON: {exc}") from None
-    if size > MAX_CONTEXT_BYTES:
-        raise RequestTooLarge(
-            f"context: {size} bytes as JSON, at most {MAX_CONTEXT_BYTES} bytes are allowed"
-        )
-    return value
-
-
-def _headers(value: object) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidRequest("headers: expected an object of header names to values")
-    if len(value) > MAX_HEADERS:
-        raise InvalidRequest(f"headers: {len(value)} headers, at most {MAX_HEADERS} are allowed")
-    for name, text in value.items():
-        if not HEADER_NAME.match(name):
-            raise InvalidRequest(f"headers: {name!r} is not a valid header name")
-        if name.lower() in RESERVED_HEADERS:
-            raise InvalidRequest(f"headers: {name} is set by the dispatcher, not by requests")
-        if not isinstance(text, str):
-            raise InvalidRequest(f"headers.{name}: expected a string")
-        check_header_text(text, f"headers.{name}")
-        if len(text) > MAX_HEADER_CHARS:
-            raise InvalidRequest(
-                f"headers.{name}: at most {MAX_HEADER_CHARS} characters are allowed"
-            )
-    return value
-
-
-def _attachments(value: object) -> tuple[Attachment, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise InvalidRequest("attachments: expected a list")
-    if len(value) > MAX_ATTACHMENTS:
-        raise InvalidRequest(
-            f"attachments: {len(value)} files, at most {MAX_ATTACHMENTS} are allowed"
-        )
-    result = []
-    for i, item in enumerate(value):
-        where = f"attachments[{i}]"
-        if not isinstance(item, dict) or not {"filename", "data"} <= set(item):
-            raise InvalidRequest(f"{where}: expected an object with 'filename' and 'data'")
-        filename, content_type = (
-            item["filename"],
-            item.get("content_type", "application/octet-stream"),
-        )
-        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
-            raise InvalidRequest(f"{where}.filename: expected a plain file name")
-        check_header_text(filename, f"{where}.filename")
-        if not isinstance(content_type, str) or not re.match(r"^[\w.+-]+/[\w.+-]+$", content_type):
-            raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
-        try:
-            content = base64.b64decode(item["data"], validate=True)
-        except (ValueError, TypeError):
-            raise InvalidRequest(f"{where}.data: expected base64") from None
-        if len(content) > MAX_ATTACHMENT_BYTES:
-            raise InvalidRequest(
-                f"{where}: {len(content)} bytes, at most {MAX_ATTACHMENT_BYTES} bytes per file"
-            )
-        result.append(Attachment(filename, content_type, content))
-    return tuple(result)
-
-
-def _send_at(value: object) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            moment = None
-        if moment is not None and moment.tzinfo is not None:
-            return moment
-    raise InvalidRequest(f"send_at: expected an ISO 8601 time with a UTC offset, got {value!r}")
-
-
-def _priority(value: object) -> str:
-    if value not in PRIORITIES:
-        raise InvalidRequest(f"priority: {value!r} is not one of high, normal, low")
-    return str(value)
-
-
-def _optional_str(
-    fields: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None
-) -> str | None:
-    value = fields.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or (pattern and not pattern.match(value)) or len(value) > 200:
-        raise InvalidRequest(f"{name}: {value!r} is not valid")
-    return value

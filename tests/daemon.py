@@ -295,7 +295,7 @@ def fresh_client() -> Iterator[None]:
     """Closes this process's `enqueue_email()` client after the test, so the next test's
     `configure()` starts from nothing."""
     yield
-    client._state.close()
+    client.close()
 
 
 @pytest.fixture

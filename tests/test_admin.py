@@ -176,9 +176,7 @@ def test_a_bad_age_is_a_one_line_error(tmp_path: Path, age: str) -> None:
 def test_purge_measures_age_from_when_the_request_reached_its_state(tmp_path: Path) -> None:
     with SqliteSpool(tmp_path / "s.db", "test") as spool:
         for request_id in ("old", "new", "waiting"):
-            parsed = wire.validate(
-                {"v": 1, "id": request_id, "template": "welcome", "to": "a@example.com"}
-            )
+            parsed = wire.validate(wire.request_fields("welcome", {"to": "a@x.org"}, id=request_id))
             spool.add([Incoming.of(parsed)], [], 0.0)
         spool.record([], [Finish("old", "sent", 1000.0, "250 ok")])
         spool.record([], [Finish("new", "sent", 5000.0, "250 ok")])
@@ -205,7 +203,7 @@ def test_ages_and_durations_read_as_people_write_them() -> None:
 def test_purge_with_a_limit_deletes_at_most_that_many_per_call(tmp_path: Path) -> None:
     with SqliteSpool(tmp_path / "s.db", "test") as spool:
         for i in range(5):
-            parsed = wire.validate({"v": 1, "id": f"r{i}", "template": "welcome", "to": "a@x.org"})
+            parsed = wire.validate(wire.request_fields("welcome", {"to": "a@x.org"}, id=f"r{i}"))
             spool.add([Incoming.of(parsed)], [], 0.0)
             spool.record([], [Finish(f"r{i}", "sent", 10.0, "250 ok")])
         assert [spool.purge("sent", 5, 100.0, limit=2) for _ in range(4)] == [2, 2, 1, 0]

@@ -19,6 +19,7 @@ import zmq
 import dispatcher
 from dispatcher import client, overflow, wire
 from dispatcher.errors import InvalidRequest, RequestTooLarge
+from dispatcher.settings import Settings, load_settings
 from tests.daemon import DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -38,6 +39,7 @@ class FakeDaemon:
         self.pull.linger = self.pub.linger = 0
         self.endpoint = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
         self.acks = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
+        self.settings: Settings | None = None  # a client's settings for this daemon
         self.acknowledging = True
         self.trickle = 0.0  # > 0: one receipt per this many seconds, a daemon that is behind
         self.backlog: list[dict[str, Any]] = []
@@ -84,17 +86,18 @@ class FakeDaemon:
 def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
     """A fake daemon the client is configured for, with its overflow folder in `tmp_path`."""
     fake = FakeDaemon()
-    dispatcher.configure(
-        None,
-        client={
+    overrides = {
+        "client": {
             "connect": [fake.endpoint],
             "acks": [fake.acks],
             "overflow_dir": str(tmp_path / "overflow"),
             "ack_timeout": 0.3,
-        },
-    )
+        }
+    }
+    fake.settings = load_settings(None, overrides)
+    dispatcher.configure(None, **overrides)
     yield fake
-    client._state.close()
+    client.close()
     fake.close()
 
 
@@ -102,8 +105,7 @@ def test_a_daemon_that_is_only_behind_gets_no_re_sends(daemon: FakeDaemon, tmp_p
     daemon.trickle = 0.08  # 8 receipts take ~0.6 s: twice ack_timeout (0.3 s)
     ids = [dispatcher.enqueue_email("welcome", to=f"u{i}@example.com") for i in range(8)]
     assert dispatcher.flush(10.0) is True
-    assert client._state.get().resent == 0
-    assert sorted(f["id"] for f in daemon.frames) == sorted(ids)  # each received once
+    assert sorted(f["id"] for f in daemon.frames) == sorted(ids)  # each received once: no re-send
     assert spilled_ids(tmp_path / "overflow") == []
 
 
@@ -122,7 +124,7 @@ def test_enqueue_sends_one_frame_with_the_request(daemon: FakeDaemon, tmp_path: 
     )
     (data,) = daemon.wait_for(1)
     assert data["id"] == request_id
-    assert data["client"] == client._state.get().client_id
+    assert request_id.startswith(f"{data['client']}-")  # receipts come to this process
     assert data["context"] == {"price": "9.90", "n": 3}
     request = wire.validate(data)
     assert request.attachments[0].content_type == "text/plain"
@@ -165,9 +167,12 @@ def test_input_that_can_never_be_sent_raises_value_error(
 
 def test_no_receipt_means_one_resend_then_a_spill(daemon: FakeDaemon, tmp_path: Path) -> None:
     daemon.acknowledging = False
-    request_id = dispatcher.enqueue_email("welcome", to="a@example.com")
-    assert [f["id"] for f in daemon.wait_for(2)] == [request_id, request_id]
-    assert dispatcher.flush(5.0) is False
+    assert daemon.settings is not None
+    with dispatcher.Client(daemon.settings) as app:
+        request_id = app.enqueue_email("welcome", to="a@example.com")
+        assert [f["id"] for f in daemon.wait_for(2)] == [request_id, request_id]
+        assert app.flush(5.0) is False
+        assert app.resent == 1
     assert spilled_ids(tmp_path / "overflow") == [request_id]
     assert len(daemon.frames) == 2  # spilled, not sent a third time
 
@@ -186,7 +191,7 @@ def test_daemon_down_neither_raises_nor_loses(tmp_path: Path) -> None:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in overflow.waiting(folder))
     finally:
-        client._state.close()
+        client.close()
 
 
 def test_spilled_requests_are_handed_over_once_a_daemon_answers(
@@ -200,9 +205,9 @@ def test_spilled_requests_are_handed_over_once_a_daemon_answers(
     os.utime(path, (0, 0))  # older than any lease
     new = dispatcher.enqueue_email("welcome", to="b@example.com")  # starts the client
     received = daemon.wait_for(4)
-    mine = client._state.get().client_id
     assert {f["id"] for f in received} == {"old0", "old1", "old2", new}
-    assert {f["client"] for f in received} == {mine}  # receipts come to this process
+    mine = {f["client"] for f in received if f["id"] == new}
+    assert {f["client"] for f in received} == mine  # receipts come to this process
     deadline = time.monotonic() + 10
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -219,17 +224,19 @@ def test_import_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_forked_child_uses_its_own_socket(daemon: FakeDaemon) -> None:
-    parent_id = dispatcher.enqueue_email("welcome", to="parent@example.com")
-    parent_client = client._state.client
+@pytest.mark.parametrize("kind", ["default client", "Client object"])
+def test_a_forked_child_uses_its_own_sockets(daemon: FakeDaemon, kind: str) -> None:
+    assert daemon.settings is not None
+    # The module functions (enqueue_email, flush, close) act on the default client.
+    app: Any = client if kind == "default client" else dispatcher.Client(daemon.settings)
+    parent_id = app.enqueue_email("welcome", to="parent@example.com")
     pid = os.fork()
     if pid == 0:  # the child: must not touch the parent's socket, and must deliver
         status = 1
         try:
-            child_id = dispatcher.enqueue_email("welcome", to="child@example.com")
-            status = 0 if client._state.client is not parent_client and child_id else 1
-            status |= 0 if dispatcher.flush(5.0) else 2
-            client._state.close()
+            app.enqueue_email("welcome", to="child@example.com")
+            status = 0 if app.flush(5.0) else 2
+            app.close()
         finally:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
@@ -239,7 +246,8 @@ def test_forked_child_uses_its_own_socket(daemon: FakeDaemon) -> None:
     # Ids are the client id and a count: the child's client id is its own, so are its ids.
     assert len({f["client"] for f in frames}) == 2
     assert all(wire.REQUEST_ID.match(f["id"]) and f["id"].startswith(f["client"]) for f in frames)
-    assert parent_id and dispatcher.flush(5.0)
+    assert parent_id and app.flush(5.0)
+    app.close()
 
 
 def test_process_exits_promptly_with_the_daemon_down(tmp_path: Path) -> None:
@@ -281,7 +289,7 @@ def test_a_wrong_receipts_address_is_reported_and_nothing_is_lost(
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.02)
     finally:
-        client._state.close()
+        client.close()
         fake.close()
 
 
@@ -297,7 +305,20 @@ def test_an_address_only_email_validator_refuses_is_dead_with_the_reason_not_los
         request_id = dispatcher.enqueue_email("welcome", to=f"ada@{label}.com", context={})
         assert dispatcher.flush(10.0) is True  # acknowledged: not re-sent, not spilled
     finally:
-        client._state.close()
+        client.close()
     daemon.wait_for_counts(dead=1, rejected=0)
     daemon.wait_for_log(f"dead {request_id} template=welcome: to[0]: 'ada@{label}.com' is not")
     assert smtp_server.messages == []
+
+
+def test_a_closed_client_opens_again_on_its_next_call(daemon: FakeDaemon) -> None:
+    assert daemon.settings is not None
+    app = dispatcher.Client(daemon.settings)
+    first = app.enqueue_email("welcome", to="a@example.com")
+    assert app.flush(5.0)
+    app.close()
+    second = app.enqueue_email("welcome", to="b@example.com")
+    assert app.flush(5.0)
+    app.close()
+    assert {f["id"] for f in daemon.wait_for(2)} == {first, second}  # each acknowledged
+    assert first.split("-")[0] != second.split("-")[0]  # a new hand-off, with its own client id

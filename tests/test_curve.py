@@ -8,10 +8,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from dispatcher.client import build_frame
+from dispatcher import Client, wire
 from dispatcher.curve import check_bind_allowed, is_local, keygen, secure_client_socket
 from dispatcher.errors import SettingsError
-from dispatcher.handoff import Handoff
 from dispatcher.settings import ClientCurveSettings, ClientSettings, ServerCurveSettings
 from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
@@ -119,7 +118,8 @@ def test_only_an_authorised_key_delivers_and_refusals_are_logged(
     )
     daemon = run_daemon(settings)
     daemon.wait_for_log("CURVE: 1 authorised client keys")
-    _, frame = build_frame("welcome", to="stranger@example.com", context=CONTEXT)
+    options: wire.EmailOptions = {"to": "stranger@example.com", "context": CONTEXT}
+    frame = wire.encode(wire.request_fields("welcome", options))
     stranger = curve_push(connect, k["server_public"], k["stranger"])
     plain = curve_push(connect, k["server_public"], None)
     try:
@@ -127,15 +127,9 @@ def test_only_an_authorised_key_delivers_and_refusals_are_logged(
         plain.send(frame)
         daemon.wait_for_log("refused connection from 127.0.0.1: CURVE key not authorised")
         daemon.wait_for_log("refused connection from a client of intake.bind: handshake failed")
-        app = Handoff(daemon.settings)
-        try:
-            request_id, good = build_frame(
-                "welcome", client=app.client_id, to="app@example.com", context=CONTEXT
-            )
-            app.submit(request_id, good)
+        with Client(daemon.settings) as app:
+            app.enqueue_email("welcome", to="app@example.com", context=CONTEXT)
             assert app.flush(10.0)  # its receipt came back over the CURVE receipts socket
-        finally:
-            app.close(0)
         (message,) = smtp_server.wait_for(1)
         assert message.rcpt_tos == ("app@example.com",)
         assert daemon.stop() == 0

@@ -2,6 +2,7 @@
 bounded socket-level run of random and mutated frames against a live daemon process.
 """
 
+import base64
 import random
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import orjson
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dispatcher import wire
@@ -108,6 +109,66 @@ def test_an_accepted_address_is_one_mailbox_without_line_breaks(text: str) -> No
     check_header_text(shown, "to")
     assert parse_address(shown, "to") == address
     assert address.addr_spec.count("@") == 1
+
+
+# Requests near the rules' edges, most of them valid: what the full check accepts must pass the
+# shape check too, or the client would refuse a request the daemon would have sent.
+names = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
+mailbox = st.one_of(
+    st.emails(),
+    st.sampled_from(["a@b.co", "o'brien@example.co.uk", "a@exämple.com", "a@xn--exmple-cua.com",
+                     f"{'x' * 64}@example.com", f"a@{'x' * 63}.com", "A.B+tag@Example.COM"]),
+)  # fmt: skip
+address = (
+    mailbox
+    | st.builds(lambda n, a: f"{n} <{a}>", names, mailbox)
+    | st.builds(lambda n, a: f'"{n}" <{a}>', names, mailbox)
+)
+address_field = address | st.lists(address, min_size=1, max_size=3)
+header_text = st.text(
+    st.characters(blacklist_categories=["Cs", "Cc"]), max_size=wire.MAX_HEADER_CHARS
+)
+attachment = st.fixed_dictionaries(
+    {"filename": names, "data": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())},
+    optional={"content_type": st.sampled_from(["text/csv", "application/pdf", "x/y+z", "text"])},
+)
+moment = st.datetimes(timezones=st.timezones() | st.none()).map(lambda d: d.isoformat())
+edge_fields = st.fixed_dictionaries(
+    {"v": st.just(1), "template": st.from_regex(wire.TEMPLATE_NAME, fullmatch=True),
+     "to": address_field},
+    optional={
+        "id": st.from_regex(wire.REQUEST_ID, fullmatch=True),
+        "client": st.from_regex(wire.REQUEST_ID, fullmatch=True),
+        "cc": address_field | st.just([]),
+        "bcc": address_field | st.none(),
+        "reply_to": address_field,
+        "sender": address,
+        "context": st.dictionaries(st.text(max_size=5), json_scalars, max_size=3),
+        "headers": st.dictionaries(st.from_regex(wire.HEADER_NAME, fullmatch=True), header_text,
+                                   max_size=3),
+        "attachments": st.lists(attachment, max_size=2),
+        "send_at": moment | st.sampled_from(["2030-01-01T10:00:00Z", "2030-01-01", "tomorrow"]),
+        "priority": st.sampled_from([*wire.PRIORITIES, None, "urgent"]),
+        "idempotency_key": st.text(max_size=wire.MAX_TEXT_CHARS + 1),
+        "locale": st.from_regex(wire.LOCALE, fullmatch=True) | st.sampled_from(["de-AT", "e"]),
+    },
+)  # fmt: skip
+
+
+@FUZZ
+@given(edge_fields)
+def test_the_shape_check_accepts_every_request_the_full_check_accepts(
+    fields: dict[str, Any],
+) -> None:
+    try:
+        request = wire.validate(fields)
+    except InvalidRequest:
+        event("refused by the full check")
+        return
+    event("accepted")
+    wire.check(fields, len(orjson.dumps(fields)))  # the daemon's intake
+    wire.encode(fields)  # the client
+    check_request(request)
 
 
 def mutated(frame: bytes, rng: random.Random) -> bytes:

@@ -14,7 +14,6 @@ import pytest
 import zmq
 
 from dispatcher import wire
-from dispatcher.client import build_frame
 from dispatcher.compose import check_headers
 from dispatcher.errors import InvalidRequest, TemplateError
 from dispatcher.render import Renderer
@@ -94,7 +93,7 @@ CORPUS = corpus()
 def test_client_refuses_every_attempt_at_enqueue(label: str, fields: dict[str, Any]) -> None:
     options = {"to": "victim@example.com", "context": CONTEXT, **fields}
     with pytest.raises(ValueError):
-        build_frame("welcome", **options)
+        wire.encode(wire.request_fields("welcome", options))
 
 
 @pytest.mark.parametrize(("label", "fields"), CORPUS, ids=[c[0] for c in CORPUS])

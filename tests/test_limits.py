@@ -1,8 +1,8 @@
 """Limits: an over-limit request is refused at enqueue with the limit named; at the limit it passes.
 
-The client (`wire.encode_checked()`) and the daemon (`wire.validate()`) check the same limits; the
-daemon applies them to foreign frames too (see test_injection.py, which
-pushes over-limit frames at a live daemon).
+The client (`wire.encode()`, the shape check) and the render worker (`wire.validate()`, the full
+check) check the same limits; the daemon applies them to foreign frames too (see
+test_injection.py, which pushes over-limit frames at a live daemon).
 """
 
 import base64
@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from dispatcher import wire
-from dispatcher.client import build_frame
 
 TO = "ada@example.com"
 
@@ -59,7 +58,7 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("check", [wire.validate, wire.encode_checked], ids=["daemon", "client"])
+@pytest.mark.parametrize("check", [wire.validate, wire.encode], ids=["full", "shape"])
 @pytest.mark.parametrize(("at_limit", "over_limit", "error"), CASES)
 def test_over_limit_is_refused_naming_the_limit_and_the_limit_itself_passes(
     check: Callable[[dict[str, Any]], object],
@@ -79,4 +78,4 @@ NAMES = ["../welcome", "welcome/../x", "_layouts", ".hidden", "a b", "/etc/passw
 @pytest.mark.parametrize("name", NAMES)
 def test_template_names_outside_the_safe_pattern_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="template: "):
-        build_frame(name, to=TO)
+        wire.encode(wire.request_fields(name, {"to": TO}))

@@ -73,7 +73,7 @@ def test_the_counters_move_when_mail_is_sent(
         dispatcher.enqueue_email("welcome", to="gone@example.com", context=ADA)
         assert dispatcher.flush(10)
     finally:
-        client._state.close()
+        client.close()
     with zmq.Context() as context, context.socket(zmq.PUSH) as push:
         push.linger = 5000
         push.connect(daemon.settings.intake.bind)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import zmq
 
-from dispatcher import overflow
+from dispatcher import overflow, wire
 from dispatcher.spool import Finish
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from tests.daemon import InProcessDaemon, write_settings
@@ -22,9 +22,7 @@ from tests.test_spool import request
 RunDaemon = Callable[..., InProcessDaemon]
 
 
-def request_fields(template: str = "welcome") -> dict[str, object]:
-    context = {"name": "A", "activate_url": "https://example.com/a"}
-    return {"v": 1, "template": template, "to": "a@example.com", "context": context}
+CONTEXT = {"name": "A", "activate_url": "https://example.com/a"}
 
 
 class Sender:
@@ -41,7 +39,8 @@ class Sender:
         self.client = client
 
     def send(self, request_id: str, template: str = "welcome") -> None:
-        fields = {"id": request_id, "client": self.client, **request_fields(template)}
+        options: wire.EmailOptions = {"to": "a@example.com", "context": CONTEXT}
+        fields = wire.request_fields(template, options, id=request_id, client=self.client)
         self.push.send(orjson.dumps(fields))
 
     def receipts(self, expected: set[str], resend: Callable[[], None]) -> set[str]:
@@ -103,7 +102,8 @@ def test_a_rejected_request_is_acknowledged_so_the_client_stops_sending_it(
 def test_spill_files_are_ingested_and_deleted_after_commit(
     tmp_path: Path, daemon: InProcessDaemon, smtp_server: SmtpServer
 ) -> None:
-    frames = [orjson.dumps({"id": f"s{i}", **request_fields()}) for i in range(5)]
+    options: wire.EmailOptions = {"to": "a@example.com", "context": CONTEXT}
+    frames = [wire.encode(wire.request_fields("welcome", options, id=f"s{i}")) for i in range(5)]
     frames.append(b"not json")
     path = overflow.spill(tmp_path / "overflow", frames, "app3")
     assert path is not None

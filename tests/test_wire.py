@@ -3,6 +3,7 @@
 import base64
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -59,26 +60,33 @@ def test_full_request_round_trips_through_its_wire_form() -> None:
     assert wire.decode(orjson.dumps(wire.to_fields(request))) == request
 
 
+def encode(**options: Any) -> bytes:
+    """The client's frame of a request given as `enqueue_email()` arguments."""
+    return wire.encode(wire.request_fields("welcome", options))
+
+
 def test_encode_turns_python_values_into_json() -> None:
     moment = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
     uid = UUID(int=7)
-    data = orjson.loads(
-        wire.encode({"context": {"at": moment, "price": Decimal("9.90"), "id": uid}})
-    )
+    context = {"at": moment, "price": Decimal("9.90"), "id": uid}
+    data = orjson.loads(encode(to=("ada@example.com",), context=context, send_at=moment))
     assert data["context"] == {"at": "2030-01-01T09:30:00+00:00", "price": "9.90", "id": str(uid)}
+    assert (data["to"], data["send_at"]) == (["ada@example.com"], "2030-01-01T09:30:00+00:00")
 
 
 def test_unencodable_context_is_invalid() -> None:
     with pytest.raises(InvalidRequest, match="context: cannot be encoded"):
-        wire.encode({"context": {"x": object()}})
+        encode(to="ada@example.com", context={"x": object()})
 
 
 def test_oversize_frame_is_rejected_with_the_limit() -> None:
     big = frame(context={"blob": "x" * wire.MAX_FRAME_BYTES})
     with pytest.raises(RequestTooLarge, match=str(wire.MAX_FRAME_BYTES)):
         wire.decode(big)
-    with pytest.raises(RequestTooLarge):
-        wire.encode({"context": {"blob": "x" * wire.MAX_FRAME_BYTES}})
+    blob = base64.b64encode(b"x" * (wire.MAX_ATTACHMENT_BYTES - 1)).decode()
+    files = [{"filename": f"{i}.bin", "data": blob} for i in range(3)]  # each within its limit
+    with pytest.raises(RequestTooLarge, match=f"over the limit of {wire.MAX_FRAME_BYTES}"):
+        wire.encode({"v": 1, "template": "welcome", "to": "ada@example.com", "attachments": files})
 
 
 @pytest.mark.parametrize(
@@ -114,6 +122,10 @@ def test_oversize_frame_is_rejected_with_the_limit() -> None:
         ),
         (frame(attachments=[{"filename": "x", "data": "***"}]), "data: expected base64"),
         (frame(id="has space"), "id: 'has space' is not valid"),
+        (frame(template="welcome\n"), "is not a template name"),
+        (frame(id="abc\n"), "id: 'abc\\n' is not valid"),
+        (frame(headers={"X-Tag\n": "x"}), "not a valid header name"),
+        (frame(locale="de\n"), "locale: 'de\\n' is not valid"),
     ],
 )
 def test_bad_frames_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
