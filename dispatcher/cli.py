@@ -2,7 +2,8 @@
 
 A user mistake (missing file, bad key, unknown template, bad address) prints one line to
 stderr and exits 2; a failure of the thing asked for (a template that fails `check`, a request
-no daemon took) exits 1.
+`retry` could not re-queue) exits 1. A request no daemon took is kept in the overflow folder,
+not failed: `send` says so on stderr and exits 0.
 """
 
 import argparse
@@ -173,9 +174,12 @@ def _template_context(
     """The context and the sample it came from: `--sample` from preview.yaml overlaid with
     `--context`; with neither, the `default` sample, so that `dispatcher send welcome --to
     me@example.com` under `dispatcher dev` shows a real mail rather than an undefined name."""
+    if not renderer.has_template(args.template):
+        known = ", ".join(renderer.template_names()) or "none"
+        raise NotFound(f"unknown template {args.template!r} (templates: {known})")
     context = _read_context(args.context)
     sample = args.sample
-    if sample is None and args.context is None and renderer.has_template(args.template):
+    if sample is None and args.context is None:
         sample = "default" if "default" in renderer.samples(args.template) else None
     if sample is None:
         return context, None

@@ -161,8 +161,8 @@ def check_headers(written: Sequence[str], data: bytes, message_id: str) -> None:
     """Split the serialised header block into fields as a mail reader would: it must hold
     exactly the fields we wrote, and the Message-ID we meant.
 
-    `mime` cannot start a header line from a value (see its docstring); this scan (a few
-    microseconds, no email package) is the second line of defence against a builder bug of the
+    `mime` cannot start a header line from a value (see its docstring); this scan (bytes only,
+    no email package) is the second line of defence against a builder bug of the
     CVE-2024-6923 kind (an encoded newline turning into a real header line). Every one of
     CR LF, CR and LF counts as a line break here, as it does for the stdlib parser.
     """

@@ -1,21 +1,10 @@
 """Who may talk to the daemon: loopback and ipc:// by default, CURVE plus an allowlist otherwise.
 
-A daemon that takes requests from the network and sends mail in the company's name is an open
-relay if anyone can reach its sockets. Measured facts this module is built around:
-
-- CURVE alone authenticates nobody: without a ZAP authenticator any client key is accepted. So
-  every CURVE server socket gets the ZAP domain `ZAP_DOMAIN`, and `start_authenticator()` answers
-  for that domain from `intake.curve.authorized_keys_dir` (the same string in both places: pyzmq
-  treats only an empty domain as its '*' default).
-- A plain (non-CURVE) client is refused by libzmq itself, before ZAP is asked; only a socket
-  monitor sees that, so `Gatekeeper.watch()` logs those refusals too.
-- pyzmq writes secret key files world-readable; `keygen()` creates them owner-only.
-
-Keys use ZeroMQ's certificate format (`NAME.key` public, `NAME.key_secret` secret), as written by
-`zmq.auth.create_certificates()`, so keys made by other ZeroMQ tools work.
-
-The same functions secure every socket: the PULL intake (`intake.bind`) and the PUB receipts
-socket (`intake.acks`) on the daemon, the PUSH and SUB sockets of the client.
+CURVE alone authenticates nobody (without a ZAP authenticator any key is accepted), so every
+CURVE server socket gets `ZAP_DOMAIN` and `start_authenticator()` answers for it from
+`intake.curve.authorized_keys_dir`. A plain client is refused by libzmq before ZAP is asked, so
+`Gatekeeper.watch()` logs those refusals from a socket monitor. Keys are ZeroMQ certificates;
+`keygen()` writes the secret one owner-only (pyzmq writes it world-readable).
 """
 
 import asyncio

@@ -1,20 +1,11 @@
 """Handing requests to daemons without losing one: pending until receipt, re-send, spill.
 
-ZeroMQ PUSH is at-most-once: a daemon killed with frames in its queue loses them silently. So
-every request stays pending here until a daemon publishes a receipt for it, which it does only
-after committing it to its spool. A request without a receipt after `client.ack_timeout` is
-sent once more (to whichever daemon is connected), and after a second timeout it is written to
-the overflow folder, which daemons ingest. A request no daemon could take at all (none
-connected, send queue full) goes to the overflow folder at once.
-
-The caller's thread only validates, sends without blocking and records the request. Receipts,
-re-sends and spills are the work of one background thread, which wakes at most every GATHER
-seconds and then takes every receipt that came meanwhile: a thread woken per receipt would take
-the GIL from the caller many times a second, each time for the length of a thread switch.
-
-It is fork-safe by construction: a forked child never touches its parent's `Handoff`
-(`client.py` drops it in the child), and threads do not survive `fork()`, so the child simply
-builds its own on first use.
+A request stays pending until a daemon publishes a receipt, which it does only after its commit.
+Without one after `client.ack_timeout` it is sent once more; without one again it is written to
+the overflow folder, which daemons ingest. A request that no daemon could take (none connected,
+send queue full) waits up to `client.ack_timeout` for one, then is spilled the same way. The
+caller's thread only checks, sends without blocking and records; one background thread does the
+rest. Fork-safe: a child never touches its parent's `Handoff` (threads do not survive `fork()`).
 """
 
 import itertools
@@ -132,8 +123,8 @@ class Handoff:
     # -- the caller's side -------------------------------------------------------------
 
     def new_id(self) -> str:
-        """A request id unique across processes without coordination, for ~0.2 µs (a uuid4
-        costs 2 µs): the random client id (new in every process, forks included) and a count."""
+        """A request id unique across processes without coordination, cheaper than a uuid4:
+        the random client id (new in every process, forks included) and a count."""
         return f"{self.client_id}-{next(self.sequence)}"
 
     def submit(self, request_id: str, frame: bytes) -> None:

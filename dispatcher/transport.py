@@ -270,7 +270,7 @@ def _rewritten(address: str) -> bool:
     It routes every address through `email.utils.parseaddr`, which quietly picks the first
     plausible address of a string such as "a@x, b@y" or "a@x\\r\\nRCPT TO:<b@y>"; the outcome
     would then be reported for an address the message never went to. A plain dot-atom address
-    comes through unchanged; the pattern says so in 0.2 µs, parseaddr in ~8 µs.
+    comes through unchanged, which the pattern tells far faster than parseaddr.
     """
     if _PLAIN_ADDRESS.match(address):
         return False

@@ -135,6 +135,14 @@ def test_status_without_a_spool_says_so(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("status", settings=settings), "no spool at")
 
 
+def test_send_of_an_unknown_template_is_a_mistake_and_sends_nothing(tmp_path: Path) -> None:
+    result = run_cli(
+        "send", "nosuch", "--to", "a@example.com", settings=write_settings(tmp_path, 1)
+    )
+    assert_one_line_error(result, "unknown template 'nosuch' (templates: ")
+    assert not (tmp_path / "overflow").exists()
+
+
 def test_send_without_a_daemon_keeps_the_request_in_the_overflow_folder(tmp_path: Path) -> None:
     result = run_cli(
         "send", "welcome", "--to", "a@example.com", settings=write_settings(tmp_path, 1025)
