@@ -29,6 +29,14 @@ _ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
 _SPACE = rf"[^\S{_CONTROLS}]*"
 _NAME = rf'"[^"\\{_CONTROLS}]*"|[^()<>\[\]:;@\\,"{_CONTROLS}]*?'
 _SHAPE = re.compile(rf"{_SPACE}(?:({_ADDR_SPEC})|(?:{_NAME}){_SPACE}<({_ADDR_SPEC})>){_SPACE}")
+# The common address in its plainest form, which `check_address` accepts without a doubt: a bare
+# dot-atom without `=` or `?` (so no `=?`) at ASCII labels. `wire` passes one at the cost of
+# this match alone.
+_PLAIN_ATOM = r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]+"
+_PLAIN_LABEL = r"[A-Za-z0-9]+(?:-+[A-Za-z0-9]+)*"
+PLAIN_ADDRESS = re.compile(
+    rf"{_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*@{_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+\Z"
+)
 
 
 @dataclass(frozen=True, slots=True)
