@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -13,9 +13,12 @@ STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A request as intake stores it: its frame, and the columns the queue is ordered by."""
+class Incoming(NamedTuple):
+    """A request as intake stores it: its frame, and the columns the queue is ordered by.
+
+    A named tuple, not a frozen dataclass: intake makes one per frame, and a tuple is made in
+    a fraction of the time.
+    """
 
     id: str
     template: str
@@ -28,15 +31,15 @@ class Incoming:
     @classmethod
     def from_fields(cls, fields: dict[str, Any], frame: bytes) -> "Incoming":
         """From a frame that passed the shape check and names its id."""
-        send_at = fields.get("send_at")
+        send_at, priority = fields.get("send_at"), fields.get("priority")
         return cls(
-            id=fields["id"],
-            template=fields["template"],
-            request=frame,
-            priority=PRIORITIES[fields.get("priority") or "normal"],
-            due=datetime.fromisoformat(send_at).timestamp() if send_at else None,
-            idempotency_key=fields.get("idempotency_key"),
-            client=fields.get("client"),
+            fields["id"],
+            fields["template"],
+            frame,
+            PRIORITIES["normal"] if priority is None else PRIORITIES[priority],
+            None if send_at is None else datetime.fromisoformat(send_at).timestamp(),
+            fields.get("idempotency_key"),
+            fields.get("client"),
         )
 
     @classmethod
