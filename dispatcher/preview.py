@@ -50,6 +50,14 @@ MAIL_CSP = (
     "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data: cid: http: https:; "
     "font-src data:; frame-ancestors 'self'"
 )
+# What no page may be: framed by another site (clickjacking), or kept in a cache (captured mail).
+NO_FRAMING = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+NO_STORE = {"Cache-Control": "no-store"}
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WRONG_HOST = (
+    b"forbidden: the Host header must be localhost, 127.0.0.1 or [::1] with this server's port"
+    b" (a guard against DNS rebinding)\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,7 @@ class Response:
     content_type: str = "text/html; charset=utf-8"
     status: HTTPStatus = HTTPStatus.OK
     headers: dict[str, str] = field(default_factory=dict)
+    framable: bool = False  # only the HTML part the preview's own page shows in its iframe
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +227,7 @@ class PreviewApp:
             with contextlib.suppress(SpoolError), open_reader(self.spool) as spool:
                 digest.update(spool.failures_mark().encode())
         return Response(
-            digest.hexdigest()[:16].encode(),
-            "text/plain; charset=utf-8",
-            headers={"Cache-Control": "no-store"},
+            digest.hexdigest()[:16].encode(), "text/plain; charset=utf-8", headers=NO_STORE
         )
 
     def static(self, name: str) -> Response:
@@ -238,7 +245,7 @@ class PreviewApp:
         return Response(
             html.encode(),
             status=status,
-            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"},
+            headers={"Content-Security-Policy": PAGE_CSP, **NO_STORE},
         )
 
     def _message(
@@ -254,10 +261,11 @@ class PreviewApp:
         if view == "eml" and data is not None:
             filename = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) + ".eml"
             disposition = f'attachment; filename="{filename}"'
-            return Response(data, "message/rfc822", headers={"Content-Disposition": disposition})
+            headers = {"Content-Disposition": disposition, **NO_STORE}
+            return Response(data, "message/rfc822", headers=headers)
         if view == "html" and message is not None and message.html is not None:
-            headers = {"Content-Security-Policy": MAIL_CSP, "X-Content-Type-Options": "nosniff"}
-            return Response(message.html.encode(), headers=headers)
+            headers = {"Content-Security-Policy": MAIL_CSP, **NO_STORE}
+            return Response(message.html.encode(), headers=headers, framable=True)
         if view in ("html", "eml"):
             raise NotFound(f"{base}/{view}: the message does not render or has no HTML part")
         if message is not None and message.html is None and view in ("desktop", "mobile"):
@@ -354,33 +362,67 @@ def _local_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def host_allowed(host: str | None, port: int) -> bool:
+    """Whether a Host header names this server on loopback: a page whose name was rebound to
+    127.0.0.1 (DNS rebinding) still sends its own name, and is refused."""
+    if host is None:
+        return False
+    allowed = {f"{name}:{port}" for name in LOOPBACK_NAMES}
+    if port == 80:  # a browser leaves the default port out of Host
+        allowed.update(LOOPBACK_NAMES)
+    return host.strip().lower() in allowed
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """Writes out what the app answers; nothing else."""
+    """Checks the Host header, then writes out what the app answers; nothing else."""
 
     app: PreviewApp
     server_version = "dispatcher-preview"
 
     def do_GET(self) -> None:
-        try:
-            response = self.app.handle(self.path)
-        except Exception:  # a bug must show as a 500, not kill the connection silently
-            log.exception("preview: error answering %s", self.path)
-            response = Response(
-                b"internal error: see the dispatcher log",
-                "text/plain; charset=utf-8",
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-            )
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def _answer(self, with_body: bool) -> None:
+        """HEAD gets the status and headers GET would, without the body."""
+        response = self._response()
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Referrer-Policy", "no-referrer")
-        for name, value in response.headers.items():
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in _with_framing(response).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(response.body)
+        if with_body:
+            self.wfile.write(response.body)
+
+    def _response(self) -> Response:
+        assert isinstance(self.server, ThreadingHTTPServer)
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not host_allowed(hosts[0], self.server.server_port):
+            return Response(WRONG_HOST, "text/plain; charset=utf-8", HTTPStatus.FORBIDDEN)
+        try:
+            return self.app.handle(self.path)
+        except Exception:  # a bug must show as a 500, not kill the connection silently
+            log.exception("preview: error answering %s", self.path)
+            return Response(
+                b"internal error: see the dispatcher log",
+                "text/plain; charset=utf-8",
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+            )
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("preview: " + format, *args)
+
+
+def _with_framing(response: Response) -> dict[str, str]:
+    """The response's headers, plus the framing ban for all but the preview's own iframe."""
+    if response.framable:
+        return response.headers
+    return {**NO_FRAMING, **response.headers, "X-Frame-Options": "DENY"}
 
 
 class PreviewServer:
