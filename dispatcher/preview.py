@@ -166,7 +166,7 @@ class PreviewApp:
         folder = self._template_folder(name)
         samples, error = self._samples(name)
         error = error or self._syntax_error(folder)
-        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        files = self.renderer.files(name)
         return self._page("template.html", name=name, samples=samples, error=error, files=files)
 
     def sample(self, name: str, sample: str, view: str = "desktop") -> Response:

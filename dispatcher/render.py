@@ -7,6 +7,7 @@ Every failure a template author can cause is one `TemplateError` naming `file:li
 import os
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import css_inline
 import jinja2
 import jinja2.sandbox
 import yaml
+from jinja2.loaders import split_template_path
 
 from dispatcher.address import Address, check_header_text, parse_address
 from dispatcher.compose import Parts, RenderedMessage, compose
@@ -37,6 +39,41 @@ _CSS_INLINER = css_inline.CSSInliner(
 )
 
 
+class ConfinedLoader(jinja2.FileSystemLoader):
+    """Jinja's file loader, refusing any file that resolves outside the templates folder.
+
+    Jinja follows symlinks: a template folder, file or layout linked out of `templates.dir`
+    would otherwise let a template author read any file the daemon can.
+    """
+
+    def __init__(self, templates_dir: Path) -> None:
+        self.root = Path(templates_dir).resolve()
+        super().__init__(self.root)
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        path = Path(self.root, *split_template_path(template))
+        if os.path.lexists(path):  # checked before reading: a link to /dev/zero never returns
+            ensure_inside(path, self.root)
+        return super().get_source(environment, template)
+
+
+def ensure_inside(path: Path, templates_dir: Path) -> None:
+    """Raise a TemplateError naming `path` if it resolves outside `templates_dir` (resolved)."""
+    if not path.resolve().is_relative_to(templates_dir):
+        where = relative_location(str(path), templates_dir)
+        raise TemplateError("points outside the templates folder: refused", where)
+
+
+def relative_location(filename: str, templates_dir: Path) -> str:
+    """`templates/welcome/body.html`: relative to the templates folder's parent when it can be."""
+    try:
+        return Path(filename).relative_to(templates_dir.parent).as_posix()
+    except ValueError:
+        return filename
+
+
 def template_environment(
     templates_dir: Path,
     *,
@@ -50,7 +87,7 @@ def template_environment(
     its MIME build (`benchmarks/sandbox.py` compares it with `kind=jinja2.Environment`).
     """
     return kind(
-        loader=jinja2.FileSystemLoader(templates_dir),
+        loader=ConfinedLoader(templates_dir),
         undefined=jinja2.StrictUndefined,
         # Only file names decide: a subject (.txt) must never come out as `A &amp; B`.
         autoescape=jinja2.select_autoescape(
@@ -125,7 +162,7 @@ class Renderer:
 
     def compile_errors(self) -> list[TemplateError]:
         """Compile every template file, layouts included, whether or not a sample reaches it."""
-        errors = []
+        errors = self.outside_links()
         for template in self._env.list_templates(extensions=("html", "htm", "txt", "xml")):
             if any(part.startswith(".") for part in template.split("/")):
                 continue
@@ -134,11 +171,31 @@ class Renderer:
             except jinja2.TemplateSyntaxError as exc:
                 where = self._where(exc.filename or exc.name, exc.lineno)
                 errors.append(TemplateError(exc.message or "syntax error", where))
+            except TemplateError:  # a link out of the folder: outside_links() reported it
+                continue
+        return errors
+
+    def outside_links(self) -> list[TemplateError]:
+        """Each symlink in the templates folder that points outside it: one error per link,
+        found without following it (Jinja's listing would walk into the folder it points at)."""
+        errors = []
+        for root, dirs, files in os.walk(self.templates_dir):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(dirs + files):
+                path = Path(root, name)
+                if name.startswith(".") or not path.is_symlink():
+                    continue
+                try:
+                    ensure_inside(path, self.templates_dir)
+                except TemplateError as exc:
+                    errors.append(exc)
         return errors
 
     def samples(self, name: str) -> dict[str, dict[str, Any]]:
         """The named sample contexts of `preview.yaml`, for preview, `check` and tests."""
         path = self._folder(name) / "preview.yaml"
+        if os.path.lexists(path):
+            ensure_inside(path, self.templates_dir)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -187,7 +244,16 @@ class Renderer:
         # TEMPLATE_NAME has no '/', '.' or '..', so the folder cannot be outside templates_dir.
         if not self.has_template(name):
             raise TemplateError(f"unknown template {name!r}")
+        ensure_inside(self.templates_dir / name, self.templates_dir)
         return self.templates_dir / name
+
+    def files(self, name: str) -> list[str]:
+        """The template's own file names, for the preview; none for a folder linked outside."""
+        try:
+            folder = self._folder(name)
+        except TemplateError:
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
 
     def _render(self, template: str, context: dict[str, Any]) -> str:
         """Render one file; whatever goes wrong becomes a TemplateError pointing at file:line."""
@@ -203,6 +269,8 @@ class Renderer:
             raise TemplateError(f"template not found: {exc.name}", self._traced(exc)) from exc
         except jinja2.TemplateError as exc:
             raise TemplateError(str(exc), self._traced(exc)) from exc
+        except TemplateError:  # the loader refused a file outside the templates folder
+            raise
         except Exception as exc:  # a filter or a context object failed: still the template's
             raise TemplateError(f"{type(exc).__name__}: {exc}", self._traced(exc)) from exc
 
@@ -225,10 +293,7 @@ class Renderer:
         """`templates/welcome/body.html:3`: relative to the templates folder's parent."""
         if not filename:
             return None
-        try:
-            shown = Path(filename).relative_to(self.templates_dir.parent).as_posix()
-        except ValueError:
-            shown = filename
+        shown = relative_location(filename, self.templates_dir)
         return f"{shown}:{line}" if line else shown
 
 
@@ -257,7 +322,8 @@ def check_templates(renderer: Renderer) -> CheckReport:
         try:
             samples = renderer.samples(name)
         except TemplateError as exc:
-            failures.append(str(exc))
+            if str(exc) not in failures:  # a folder linked outside: outside_links() said so
+                failures.append(str(exc))
             continue
         if not samples:
             warnings.append(f"{name}: no samples in preview.yaml; compiled but not rendered")
