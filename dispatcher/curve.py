@@ -101,16 +101,28 @@ def start_authenticator(
     folder = intake.curve.authorized_keys_dir
     assert folder is not None  # settings require both keys together
     try:
-        allowed = zmq.auth.load_certificates(folder)
+        allowed = read_allowlist(folder)
     except (OSError, ValueError) as exc:
         raise StartupError(f"intake.curve.authorized_keys_dir: {exc}") from None
     if not allowed:
         log.warning("no client keys (*.key) in %s: every client will be refused", folder)
-    gate = Gatekeeper(context, Counter() if counts is None else counts)
+    gate = Gatekeeper(context, Counter() if counts is None else counts, folder)
     gate.start()
-    gate.configure_curve(domain=ZAP_DOMAIN, location=str(folder))  # the folder read above
+    gate.allow_keys(allowed)
     log.info("CURVE: %d authorised client keys from %s", len(allowed), folder)
     return gate
+
+
+def read_allowlist(folder: Path) -> dict[str, bytes]:
+    """The public keys of `folder/*.key` by file name; raises OSError or ValueError on a folder
+    or key that cannot be read, so a caller can keep the allowlist it has."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    allowed = {}
+    for path in sorted(folder.glob("*.key")):
+        public, _ = zmq.auth.load_certificate(path)
+        allowed[path.name] = public
+    return allowed
 
 
 def keygen(name: str, folder: Path) -> tuple[Path, Path]:
@@ -135,12 +147,43 @@ def keygen(name: str, folder: Path) -> tuple[Path, Path]:
 class Gatekeeper(AsyncioAuthenticator):
     """pyzmq's ZAP authenticator, plus a log line and a count for every refused connection."""
 
-    def __init__(self, context: zmq.Context[Any], counts: Counter[str]) -> None:
+    def __init__(self, context: zmq.Context[Any], counts: Counter[str], folder: Path) -> None:
         super().__init__(context)
         self.counts = counts
+        self.folder = folder
+        self.allowed: dict[str, bytes] = {}
         self._peer = "?"
         self._last_logged: dict[tuple[str, str], float] = {}
         self._watchers: list[tuple[zmq.Socket[Any], zmq.asyncio.Socket, asyncio.Task[None]]] = []
+
+    def allow_keys(self, allowed: dict[str, bytes]) -> None:
+        """Answer ZAP from now on with these keys (file name: z85 public key) alone."""
+        self.allowed = allowed
+        self.certs[ZAP_DOMAIN] = {key: True for key in allowed.values()}
+
+    def reload(self) -> list[str]:
+        """Re-read the allowlist folder (SIGHUP) and return the file names no longer allowed.
+
+        A folder or key that cannot be read keeps the allowlist in force and logs an error:
+        a typo while editing keys must not lock every client out or stop the daemon.
+        """
+        try:
+            allowed = read_allowlist(self.folder)
+        except (OSError, ValueError) as exc:
+            log.error("CURVE allowlist not reloaded, keeping %d keys: %s", len(self.allowed), exc)
+            return []
+        old = self.allowed
+        removed = [name for name in old if allowed.get(name) != old[name]]
+        added = [name for name in allowed if old.get(name) != allowed[name]]
+        self.allow_keys(allowed)
+        log.info(
+            "CURVE allowlist reloaded from %s: %d keys allowed; removed: %s; added: %s",
+            self.folder,
+            len(allowed),
+            ", ".join(removed) or "none",
+            ", ".join(added) or "none",
+        )
+        return removed
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         self._peer = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"

@@ -28,6 +28,25 @@ RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: one fsync for many requests
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
+REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
+REBIND_PATIENCE = 2.0  # seconds of failed attempts before that is logged as an error
+
+
+async def bind_again(socket: zmq.asyncio.Socket, endpoint: str) -> None:
+    """Bind `endpoint` just unbound: libzmq closes the old listener on its I/O thread, so the
+    address can be in use for a moment; retry until it is free, saying so if it takes long."""
+    started = asyncio.get_running_loop().time()
+    complained = False
+    while True:
+        try:
+            socket.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            slow = asyncio.get_running_loop().time() - started > REBIND_PATIENCE
+            if slow and not complained:
+                log.error("cannot bind %s again yet, still trying: %s", endpoint, exc)
+                complained = True
+        await asyncio.sleep(REBIND_RETRY)
 
 
 class Intake:
@@ -89,6 +108,27 @@ class Intake:
                 socket.bind(endpoint)
             except zmq.ZMQError as exc:
                 raise StartupError(f"{key}: cannot bind {endpoint}: {exc}") from None
+
+    async def reload(self) -> None:
+        """Re-read the CURVE allowlist (SIGHUP). ZAP only runs at a handshake, so when a key was
+        removed every connection is cut (clients reconnect and are checked afresh)."""
+        if self.gate is None:
+            log.info("reload: nothing to reload without intake.curve (no client allowlist)")
+            return
+        if self.gate.reload():
+            await self.rebind()
+
+    async def rebind(self) -> None:
+        """Unbind and bind again the PULL and PUB sockets, which closes their connections;
+        frames that already arrived are stored first, and those still queued after."""
+        self.drain()
+        for socket in (self.pull, self.receipts):
+            # As bound, not as configured: `tcp://*:0` keeps the port clients know.
+            endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            socket.unbind(endpoint)
+            self.drain()
+            await bind_again(socket, endpoint)
+        log.info("closed every intake and receipts connection: clients reconnect and are checked")
 
     def close(self) -> None:
         if self.gate is not None:

@@ -37,6 +37,7 @@ class Daemon:
         """`auto_reload`: templates edited while it runs are used for the next render
         (`dispatcher dev`); a production daemon compiles each template once."""
         self.settings = settings
+        self.reload_requested = asyncio.Event()
         if not settings.templates.dir.is_dir():
             raise StartupError(f"templates.dir: {settings.templates.dir} is not a folder")
         self.renders = RenderPool(
@@ -84,6 +85,17 @@ class Daemon:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)
 
+    def reload(self) -> None:
+        """Ask the loop to re-read the CURVE allowlist (SIGHUP): safe from a signal handler."""
+        self.reload_requested.set()
+
+    async def reloads(self) -> None:
+        """Reload on request, on the loop between intake batches."""
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested.clear()
+            await self.intake.reload()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
         recovered = self.spool.recover(now())
@@ -109,6 +121,7 @@ class Daemon:
                 group.create_task(self.intake.ingest_overflow(), name="overflow"),
                 group.create_task(self.prune(), name="prune"),
                 group.create_task(delivery.keep_claims(), name="claims"),
+                group.create_task(self.reloads(), name="reloads"),
             ]
             workers = [
                 group.create_task(delivery.work(), name=f"worker-{i}")
@@ -130,12 +143,13 @@ class Daemon:
 
 
 async def serve(settings: Settings) -> None:
-    """Run a daemon until SIGTERM or SIGINT."""
+    """Run a daemon until SIGTERM or SIGINT; SIGHUP re-reads the CURVE allowlist."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon = Daemon(settings)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.run(stop)
     finally:

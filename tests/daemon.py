@@ -166,15 +166,6 @@ class DaemonProcess(RunningDaemon):
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """What `dispatcher run` serves until SIGTERM, here until `stop` is set."""
-    daemon = Daemon(settings)
-    try:
-        await daemon.run(stop)
-    finally:
-        daemon.close()
-
-
 class InProcessDaemon(RunningDaemon):
     """`Daemon(settings).run(stop)` on an event loop in a thread of the test process: the daemon
     `dispatcher run` serves, without starting Python and importing it for every test.
@@ -189,13 +180,14 @@ class InProcessDaemon(RunningDaemon):
     _saved_level = logging.NOTSET  # puts it back
 
     def __init__(
-        self, settings_path: Path, render_processes: int | None = 0, serve: Serve = run
+        self, settings_path: Path, render_processes: int | None = 0, serve: Serve | None = None
     ) -> None:
         overrides = (
             {} if render_processes is None else {"templates__render_processes": render_processes}
         )
         super().__init__(settings_path, load_settings(settings_path, overrides, environ={}))
-        self._serve = serve
+        self._serve = self._run_daemon if serve is None else serve
+        self.daemon: Daemon | None = None  # the one `dispatcher run` would serve, once made
         self.error: BaseException | None = None  # what ended the daemon, if not a stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -246,6 +238,21 @@ class InProcessDaemon(RunningDaemon):
         self._loop = asyncio.get_running_loop()
         self._ready.set()
         await self._serve(self.settings, self._stop)
+
+    async def _run_daemon(self, settings: Settings, stop: asyncio.Event) -> None:
+        """What `dispatcher run` serves until SIGTERM, here until `stop` is set."""
+        self.daemon = Daemon(settings)
+        try:
+            await self.daemon.run(stop)
+        finally:
+            self.daemon.close()
+
+    def reload(self) -> None:
+        """Ask the daemon to re-read its CURVE allowlist, as SIGHUP does (a signal would hit
+        pytest); the daemon logs when it is done."""
+        loop, daemon = self._loop, self.daemon
+        assert loop is not None and daemon is not None, "the daemon is not running"
+        loop.call_soon_threadsafe(daemon.reload)
 
     @property
     def alive(self) -> bool:

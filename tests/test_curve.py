@@ -1,18 +1,23 @@
 """Intake access: loopback or ipc by default; beyond that only CURVE clients on the allowlist."""
 
+import shutil
+import signal
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import zmq
 import zmq.auth
+from zmq.utils.monitor import parse_monitor_message
 
 from dispatcher import Client, wire
 from dispatcher.curve import check_bind_allowed, is_local, keygen, secure_client_socket
 from dispatcher.errors import SettingsError
 from dispatcher.settings import ClientCurveSettings, ClientSettings, ServerCurveSettings
-from tests.daemon import InProcessDaemon, run_cli, write_settings
+from tests.daemon import DaemonProcess, InProcessDaemon, run_cli, write_settings
 from tests.smtp_server import SmtpServer, free_port
 
 RunDaemon = Callable[..., InProcessDaemon]
@@ -95,15 +100,15 @@ def curve_push(endpoint: str, server_public: Path, secret: Path | None) -> zmq.S
     return push
 
 
-def test_only_an_authorised_key_delivers_and_refusals_are_logged(
-    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
-) -> None:
+def curve_daemon_settings(tmp_path: Path, smtp_port: int) -> tuple[Path, dict[str, Path], str]:
+    """Settings for a daemon on all interfaces behind CURVE, its keys, and where to connect;
+    the settings' client is `app`, the one authorised key."""
     k = keys(tmp_path / "keys")
     endpoint = f"tcp://0.0.0.0:{free_port()}"
     connect = endpoint.replace("0.0.0.0", "127.0.0.1")
     settings = write_settings(
         tmp_path,
-        smtp_server.port,
+        smtp_port,
         intake={
             "bind": endpoint,
             "curve": {"secret_key_file": str(k["server"]), "authorized_keys_dir": "keys/clients"},
@@ -116,6 +121,13 @@ def test_only_an_authorised_key_delivers_and_refusals_are_logged(
             },
         },
     )
+    return settings, k, connect
+
+
+def test_only_an_authorised_key_delivers_and_refusals_are_logged(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+) -> None:
+    settings, k, connect = curve_daemon_settings(tmp_path, smtp_server.port)
     daemon = run_daemon(settings)
     daemon.wait_for_log("CURVE: 1 authorised client keys")
     options: wire.EmailOptions = {"to": "stranger@example.com", "context": CONTEXT}
@@ -173,3 +185,105 @@ def test_a_secret_key_readable_by_others_is_warned_about(
         secure_client_socket(push, settings)
         assert caplog.text == ""
         assert push.getsockopt(zmq.MECHANISM) == zmq.CURVE
+
+
+# -- revoking and adding keys without a restart (SIGHUP, `systemctl reload`) ----------------------
+
+FRAME = wire.encode(wire.request_fields("welcome", {"to": "a@example.com", "context": CONTEXT}))
+
+
+def wait_for_event(monitor: zmq.Socket[bytes], event: int, timeout: float = 10.0) -> None:
+    """Block (bounded) until `monitor` reports `event` for its socket."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000)):
+        if parse_monitor_message(monitor.recv_multipart())["event"] == event:
+            return
+    raise AssertionError(f"no {zmq.Event(event).name} within {timeout} s")
+
+
+def test_a_removed_key_is_cut_off_and_refused_after_reload(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+) -> None:
+    settings, k, connect = curve_daemon_settings(tmp_path, smtp_server.port)
+    daemon = run_daemon(settings)
+    app = curve_push(connect, k["server_public"], k["app"])
+    events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+    monitor = cast(zmq.Socket[bytes], app.get_monitor_socket(events))
+    try:
+        app.send(FRAME)
+        smtp_server.wait_for(1)
+        wait_for_event(monitor, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        (k["clients"] / "app.key").unlink()
+        daemon.reload()
+        daemon.wait_for_log("0 keys allowed; removed: app.key; added: none")
+        wait_for_event(monitor, zmq.EVENT_DISCONNECTED)  # its open connection was closed
+        app.send(FRAME)
+        daemon.wait_for_log("refused connection from 127.0.0.1: CURVE key not authorised")
+        assert daemon.stop() == 0
+    finally:
+        app.disable_monitor()
+        monitor.close()
+        app.close()
+    assert len(smtp_server.messages) == 1 and sum(daemon.counts().values()) == 1
+    assert "secret" not in daemon.log.lower() and k["app"].read_text() not in daemon.log
+
+
+def test_a_key_added_after_start_delivers_after_reload(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+) -> None:
+    settings, k, connect = curve_daemon_settings(tmp_path, smtp_server.port)
+    daemon = run_daemon(settings)
+    refused = curve_push(connect, k["server_public"], k["stranger"])
+    refused.send(FRAME)  # never delivered: libzmq gives up a connection ZAP refused
+    daemon.wait_for_log("refused connection from 127.0.0.1: CURVE key not authorised")
+    refused.close()
+    shutil.copy(k["server_public"].parent / "stranger.key", k["clients"])
+    daemon.reload()
+    daemon.wait_for_log("2 keys allowed; removed: none; added: stranger.key")
+    stranger = curve_push(connect, k["server_public"], k["stranger"])
+    try:
+        stranger.send(FRAME)
+        (message,) = smtp_server.wait_for(1)
+        assert message.rcpt_tos == ("a@example.com",)
+    finally:
+        stranger.close()
+
+
+@pytest.mark.parametrize("breakage", ["unreadable key", "folder gone"])
+def test_a_broken_allowlist_on_reload_keeps_the_old_one(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon, breakage: str
+) -> None:
+    settings, k, _ = curve_daemon_settings(tmp_path, smtp_server.port)
+    daemon = run_daemon(settings)
+    if breakage == "folder gone":
+        k["clients"].rename(tmp_path / "elsewhere")
+    else:
+        (k["clients"] / "broken.key").write_text("not a certificate\n")
+    daemon.reload()
+    daemon.wait_for_log("ERROR dispatcher.curve: CURVE allowlist not reloaded, keeping 1 keys")
+    with Client(daemon.settings) as app:
+        app.enqueue_email("welcome", to="app@example.com", context=CONTEXT)
+        assert app.flush(10.0)
+    smtp_server.wait_for(1)
+    assert daemon.alive
+
+
+def test_reload_without_curve_says_there_is_nothing_to_reload(
+    tmp_path: Path, run_daemon: RunDaemon
+) -> None:
+    daemon = run_daemon(write_settings(tmp_path, 1025))
+    daemon.reload()
+    daemon.wait_for_log("reload: nothing to reload without intake.curve")
+    assert daemon.alive
+
+
+def test_sighup_to_dispatcher_run_reloads_the_allowlist(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    settings, k, _ = curve_daemon_settings(tmp_path, free_port())
+    daemon = start_daemon(settings)
+    (k["clients"] / "app.key").unlink()
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("0 keys allowed; removed: app.key; added: none")
+    daemon.wait_for_log("closed every intake and receipts connection")
+    assert daemon.stop() == 0
