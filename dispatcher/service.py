@@ -94,7 +94,10 @@ class Daemon:
         while True:
             await self.reload_requested.wait()
             self.reload_requested.clear()
-            await self.intake.reload()
+            try:
+                await self.intake.reload()
+            except Exception:  # a reload that fails must not take the daemon down with it
+                log.exception("reload failed; the daemon goes on as it was")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
