@@ -105,9 +105,8 @@ class Delivery:
         A due time already past belongs to a row a worker holds: a worker finishing wakes us,
         so waiting for that is not a busy loop.
         """
-        next_due, current = self.spool.next_due_at(), now()
-        if closed is not None:
-            next_due = closed
+        next_due = closed if closed is not None else self.spool.next_due_at()
+        current = now()
         timeout = IDLE_WAKE
         if next_due is not None and next_due > current:
             timeout = min(IDLE_WAKE, next_due - current)

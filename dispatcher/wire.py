@@ -55,7 +55,6 @@ RESERVED_HEADERS = frozenset(
     " content-transfer-encoding return-path received".split()
 )
 ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
-_FIRST = {name: f"{name}[0]" for name in ADDRESS_LIST_FIELDS}  # an error's "where", made once
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +191,7 @@ def _addresses(one: Callable[[object, str], T], *, required: bool = False) -> Ch
 
     def rule(value: object, name: str) -> tuple[T, ...]:
         if value.__class__ is str:  # the common case: one address
-            return (one(value, _FIRST.get(name) or f"{name}[0]"),)
+            return (one(value, f"{name}[0]"),)
         if value is None or value == []:
             if required:
                 raise InvalidRequest(f"{name}: at least one recipient is required")
