@@ -47,3 +47,11 @@ class StartupError(DispatcherError):
 
 class SpoolError(DispatcherError):
     """Raised when the spool cannot be opened or read: missing, unreadable, or of a newer schema."""
+
+
+class StoreUnavailable(SpoolError):
+    """Raised by a spool when a write fails for a reason that may pass (disk full, database down).
+
+    Nothing of the failed write was kept; the daemon stops acknowledging, keeps running and
+    tries again, so the caller must never treat it as the end of the daemon or of a request.
+    """
