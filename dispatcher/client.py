@@ -15,7 +15,8 @@ import weakref
 from types import TracebackType
 from typing import Any, Self, Unpack
 
-from dispatcher import wire
+from dispatcher import overflow, wire
+from dispatcher.errors import SettingsError
 from dispatcher.handoff import Handoff
 from dispatcher.settings import Settings, load_settings
 
@@ -26,6 +27,8 @@ class Client:
     """Hands requests to the daemons of `settings` and keeps each until a daemon has it."""
 
     def __init__(self, settings: Settings) -> None:
+        """Raises `SettingsError` when `client.overflow_dir` cannot be created or written."""
+        check_overflow_dir(settings)
         self.settings = settings
         self._lock = threading.Lock()
         self._handoff: Handoff | None = None  # made on first use, in each process
@@ -53,7 +56,9 @@ class Client:
         """Wait until every request of this client is acknowledged by a daemon or spilled.
 
         True when all were acknowledged (none spilled since the last flush). Whatever is still
-        unacknowledged at `timeout` is spilled before returning, so it is durable either way.
+        unacknowledged at `timeout` is spilled before returning, so it is durable either way;
+        False too when some could not be spilled (a full disk): those stay in memory and are
+        tried again.
         """
         return (self._handoff or self._start()).flush(timeout)
 
@@ -146,11 +151,26 @@ def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: 
 
     Overrides are sections as mappings (`client={"connect": ["tcp://10.0.0.5:5559"]}`) or
     dotted keys with `__` (`smtp__port=2525`). Sockets are still made lazily, per process.
-    Raises `SettingsError` (a `ValueError`) for a missing file or a bad key.
+    Raises `SettingsError` (a `ValueError`) for a missing file, a bad key, or a
+    `client.overflow_dir` that cannot be created or written.
     """
     settings = load_settings(settings_path, overrides)
+    check_overflow_dir(settings)
     _state.close()
     _state.settings = settings
+
+
+def check_overflow_dir(settings: Settings) -> None:
+    """Refuse at boot an overflow folder that cannot be made or written: what no daemon takes
+    in time would find nowhere durable to go."""
+    folder = settings.client.overflow_dir
+    try:
+        overflow.check_writable(folder)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(
+            f"client.overflow_dir: cannot create or write {folder}: {reason}"
+        ) from None
 
 
 def enqueue_email(template: str, /, **options: Unpack[wire.EmailOptions]) -> str:

@@ -4,10 +4,12 @@ CURVE alone authenticates nobody (without a ZAP authenticator any key is accepte
 CURVE server socket gets `ZAP_DOMAIN` and `start_authenticator()` answers for it from
 `intake.curve.authorized_keys_dir`. A plain client is refused by libzmq before ZAP is asked, so
 `Gatekeeper.watch()` logs those refusals from a socket monitor. Keys are ZeroMQ certificates;
-`keygen()` writes the secret one owner-only (pyzmq writes it world-readable).
+`keygen()` writes the secret one owner-only (pyzmq writes it world-readable). The same keys seal
+spill files (`spill_seal()`, `SpillKeys`), so the overflow folder admits no one the sockets refuse.
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -18,10 +20,12 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from dispatcher.errors import SettingsError, StartupError, UsageError
 from dispatcher.hosts import is_loopback
+from dispatcher.overflow import Seal
 from dispatcher.permissions import owner_only, private_dir
 from dispatcher.settings import ClientSettings, IntakeSettings, ServerCurveSettings
 
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "dispatcher"
 # A refused client reconnects every ~100 ms; one log line per peer and reason this often is enough.
 REFUSAL_LOG_INTERVAL = 60.0
+SPILL_KEY_LABEL = b"dispatcher spill file MAC v1"  # keeps this key apart from CURVE's own uses
 
 
 def check_bind_allowed(key: str, endpoint: str, curve: ServerCurveSettings | None) -> None:
@@ -85,6 +90,51 @@ def secure_client_socket(socket: zmq.Socket[Any], client: ClientSettings) -> Non
     socket.curve_serverkey = server_key
     socket.curve_publickey = public
     socket.curve_secretkey = secret
+
+
+def spill_seal(client: ClientSettings) -> Seal | None:
+    """How this client signs its spill files under `client.curve`; None without it."""
+    if client.curve is None:
+        return None
+    server = _load_public_key(
+        client.curve.server_public_key_file, "client.curve.server_public_key_file"
+    )
+    public, secret = _load_key_pair(client.curve.secret_key_file, "client.curve.secret_key_file")
+    return Seal(public, spill_mac_key(secret, server, client_public=public, server_public=server))
+
+
+class SpillKeys:
+    """The daemon's side of spill-file seals: the MAC key it shares with each client key."""
+
+    def __init__(self, intake: IntakeSettings) -> None:
+        assert intake.curve is not None
+        self.public, self.secret = _load_key_pair(
+            intake.curve.secret_key_file, "intake.curve.secret_key_file"
+        )
+        self._keys: dict[bytes, bytes] = {}  # client public key -> MAC key; fixed per pair
+
+    def mac_key(self, client_public: bytes) -> bytes:
+        """Ask only for a key of the allowlist: they are cached, and a key from a file is not
+        checked as a curve point here."""
+        key = self._keys.get(client_public)
+        if key is None:
+            key = spill_mac_key(
+                self.secret, client_public, client_public=client_public, server_public=self.public
+            )
+            self._keys[client_public] = key
+        return key
+
+
+def spill_mac_key(
+    secret: bytes, peer: bytes, *, client_public: bytes, server_public: bytes
+) -> bytes:
+    """The key a client and the daemon share for spill-file MACs, from Z85 CURVE keys: X25519
+    of one's secret key and the other's public key, which only these two can compute, hashed
+    with a label and both public keys (so it serves no other purpose and binds both)."""
+    from nacl.bindings import crypto_scalarmult  # only under CURVE: ~7 ms to import
+
+    shared = crypto_scalarmult(z85.decode(secret), z85.decode(peer))
+    return hashlib.sha256(SPILL_KEY_LABEL + shared + client_public + server_public).digest()
 
 
 def start_authenticator(
@@ -144,6 +194,24 @@ def keygen(name: str, folder: Path) -> tuple[Path, Path]:
     return public, secret
 
 
+class RefusalLog:
+    """Whether a refusal is worth a log line: a refused client retries every ~100 ms, or
+    spills many files, so each peer and reason is logged once per REFUSAL_LOG_INTERVAL."""
+
+    def __init__(self) -> None:
+        self._last_logged: dict[tuple[str, str], float] = {}
+
+    def due(self, peer: str, reason: str) -> bool:
+        now = time.monotonic()
+        last = self._last_logged.get((peer, reason))
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return False
+        if len(self._last_logged) > 10_000:  # many peers: forget them rather than grow
+            self._last_logged.clear()
+        self._last_logged[(peer, reason)] = now
+        return True
+
+
 class Gatekeeper(AsyncioAuthenticator):
     """pyzmq's ZAP authenticator, plus a log line and a count for every refused connection."""
 
@@ -153,7 +221,7 @@ class Gatekeeper(AsyncioAuthenticator):
         self.folder = folder
         self.allowed: dict[str, bytes] = {}
         self._peer = "?"
-        self._last_logged: dict[tuple[str, str], float] = {}
+        self.refusals = RefusalLog()
         self._watchers: list[tuple[zmq.Socket[Any], zmq.asyncio.Socket, asyncio.Task[None]]] = []
 
     def allow_keys(self, allowed: dict[str, bytes]) -> None:
@@ -199,12 +267,7 @@ class Gatekeeper(AsyncioAuthenticator):
     def refused(self, peer: str, reason: str) -> None:
         """Count a refusal; log it unless the same peer was refused for the same reason lately."""
         self.counts["refused"] += 1
-        now = time.monotonic()
-        last = self._last_logged.get((peer, reason))
-        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
-            if len(self._last_logged) > 10_000:  # many peers: forget them rather than grow
-                self._last_logged.clear()
-            self._last_logged[(peer, reason)] = now
+        if self.refusals.due(peer, reason):
             log.warning("refused connection from %s: %s", peer, reason)
 
     def watch(self, socket: zmq.Socket[Any], key: str) -> None:

@@ -88,6 +88,9 @@ class Handoff:
         self.resent = 0  # frames sent a second time for want of a receipt (ever)
         self.receipt_at = float("-inf")  # time.monotonic() of the last receipt
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
+        self.seal = self._spill_seal()
+        self.not_mine: set[str] = set()  # spill files sealed by another key: theirs to send
+        self.spill_error = ""  # why the last spill failed; "" once one succeeds
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
         self.thread.start()
@@ -120,6 +123,14 @@ class Handoff:
 
             secure_client_socket(socket, self.settings)
 
+    def _spill_seal(self) -> overflow.Seal | None:
+        """Under CURVE, spill files are sealed with this client's key (`overflow.Seal`)."""
+        if self.settings.curve is None:
+            return None
+        from dispatcher.curve import spill_seal
+
+        return spill_seal(self.settings)
+
     # -- the caller's side -------------------------------------------------------------
 
     def new_id(self) -> str:
@@ -141,7 +152,8 @@ class Handoff:
         """Wait until every request is acknowledged or spilled; True if all were acknowledged.
 
         What is still unacknowledged at the deadline is spilled before returning, so after a
-        flush every request of the process is either in a spool or in the overflow folder.
+        flush every request of the process is in a spool or in the overflow folder, unless that
+        folder cannot be written: those stay in memory, are tried again, and make it False.
         """
         deadline = time.monotonic() + max(timeout, 0.0)
         with self.lock:
@@ -153,7 +165,7 @@ class Handoff:
         self._spill_all()
         with self.lock:
             spilled, self.spilled = self.spilled, 0
-        return spilled == 0
+            return spilled == 0 and not self._own_pending()
 
     def close(self, wait: float) -> None:
         """At exit: wait up to `wait` seconds for receipts, spill the rest, release sockets."""
@@ -298,17 +310,32 @@ class Handoff:
         with self.lock:
             if self.sources or not self.push.poll(0, zmq.POLLOUT):
                 return
-        for path in overflow.waiting(self.settings.overflow_dir):
+        files = overflow.waiting(self.settings.overflow_dir)
+        self.not_mine.intersection_update(path.name for path in files)
+        for path in files:
+            if path.name in self.not_mine:
+                continue
             try:
                 if path.stat().st_mtime > time.time() - OVERFLOW_LEASE:
                     continue
                 path.touch()  # a lease: other processes leave this file alone for a while
             except FileNotFoundError:
                 continue
-            frames = overflow.read(path)
-            if frames:
-                self._resend_file(path, frames)
+            spilled = overflow.load(path)
+            if spilled is not None and not self._mine(spilled):
+                self.not_mine.add(path.name)
+                continue
+            if spilled is not None and spilled.frames:
+                self._resend_file(path, spilled.frames)
             return
+
+    def _mine(self, spilled: overflow.Spilled) -> bool:
+        """Whether this client may hand a spill file over: any without CURVE; under CURVE only
+        one sealed by its own key, so that a refused client's file never rides on its
+        connection (the daemon or its owner takes the others)."""
+        if self.seal is None:
+            return True
+        return spilled.signer == self.seal.public_key and spilled.sealed_with(self.seal.mac_key)
 
     def _resend_file(self, path: Path, frames: list[bytes]) -> None:
         with self.lock:
@@ -366,15 +393,17 @@ class Handoff:
             return
         folder = self.settings.overflow_dir
         try:
-            path = overflow.spill(folder, frames, self.client_id)
+            path = overflow.spill(folder, frames, self.client_id, self.seal)
         except OSError as exc:
-            log.critical(
-                "dispatcher client: cannot write %d requests to client.overflow_dir %s: %s;"
-                " keeping them in memory and trying again",
-                len(frames),
-                folder,
-                exc,
-            )
+            if not self.spill_error:  # once, until a spill succeeds again
+                log.critical(
+                    "dispatcher client: cannot write %d requests to client.overflow_dir %s: %s;"
+                    " keeping them in memory and trying again (flush() returns False meanwhile)",
+                    len(frames),
+                    folder,
+                    exc,
+                )
+            self.spill_error = str(exc)
             with self.lock:
                 for frame in frames:  # kept, and tried again when the keeper next looks
                     request_id = str(orjson.loads(frame)["id"])
@@ -382,6 +411,9 @@ class Handoff:
                 self.spilling -= len(frames)
                 self.changed.notify_all()
             return
+        if self.spill_error:
+            self.spill_error = ""
+            log.warning("dispatcher client: client.overflow_dir %s can be written again", folder)
         log.warning("dispatcher client: %d requests unacknowledged; kept in %s", len(frames), path)
         with self.lock:
             self.spilling -= len(frames)

@@ -91,6 +91,11 @@ class Intake:
             raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
         self.overflow_complaint = ""
+        # Under CURVE, spill files count only when sealed by an allowed key (`spill_refusal`).
+        self.spill_keys = (
+            None if settings.intake.curve is None else curve.SpillKeys(settings.intake)
+        )
+        self.spill_refusals = curve.RefusalLog()
 
     def bind(self, context: zmq.asyncio.Context) -> None:
         """Intake and receipts, each secured by CURVE when `intake.curve` is set."""
@@ -238,11 +243,19 @@ class Intake:
             return []
 
     async def ingest(self, path: Path) -> None:
-        """Commit one spill file's requests, then delete it (never before the commit)."""
+        """Commit one spill file's requests, then delete it (never before the commit).
+
+        Under CURVE a file not sealed by an allowed client is moved into `refused/` instead.
+        """
         try:
-            frames = overflow.read(path)
-            if frames is None:
+            spilled = overflow.load(path)
+            if spilled is None:
                 return  # another daemon or a client took it first
+            refusal = self.spill_refusal(spilled)
+            if refusal is not None:
+                self.refuse_spill(path, spilled.signer, refusal)
+                return
+            frames = spilled.frames
             for start in range(0, len(frames), BATCH):
                 self.store(frames[start : start + BATCH])
                 await asyncio.sleep(0)  # a large file must not hold up the loop
@@ -251,3 +264,37 @@ class Intake:
             log.error("cannot ingest overflow file %s: %s", path, exc)
             return
         log.info("ingested %d requests from overflow file %s", len(frames), path.name)
+
+    def spill_refusal(self, spilled: overflow.Spilled) -> str | None:
+        """Why a spill file must not be sent; None when it may (always, without CURVE: only
+        local processes can reach the daemon then, as they can write the folder)."""
+        if self.spill_keys is None or self.gate is None:
+            return None
+        if spilled.signer is None:
+            return "not sealed (no valid #hmac-sha256 line; is client.curve set?)"
+        if spilled.signer not in self.gate.allowed.values():
+            return "its key is not in intake.curve.authorized_keys_dir"
+        if not spilled.sealed_with(self.spill_keys.mac_key(spilled.signer)):
+            return "its MAC does not match (altered, or sealed for another server key)"
+        return None
+
+    def refuse_spill(self, path: Path, signer: bytes | None, reason: str) -> None:
+        """Keep a refused spill file in `refused/` for a person to look at; never send it."""
+        key = "none" if signer is None else signer.decode()  # 40 printable characters
+        try:
+            kept = overflow.set_aside(path)
+        except OSError as exc:  # left where it is, refused again at every scan: never sent
+            if self.spill_refusals.due(str(path), str(exc)):
+                log.error("refused overflow file %s (%s) but cannot move it: %s", path, reason, exc)
+            return
+        self.observer.counts["overflow_refused"] += 1
+        if self.spill_refusals.due(key, reason):
+            log.warning(
+                "refused overflow file %s (key %s): %s; kept in %s, never sent"
+                " (%d refused since start; logged once a minute per key and reason)",
+                path.name,
+                key,
+                reason,
+                kept.parent,
+                self.observer.counts["overflow_refused"],
+            )
