@@ -206,21 +206,29 @@ def _open_spool(settings: Settings) -> "Spool":
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher import overflow
     from dispatcher.admin import status_table
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
     age = None if oldest is None else round(time.time() - oldest, 1)
+    refused = overflow.refused_count(settings.client.overflow_dir)
     if args.json:
         report = {
             "counts": counts,
             "oldest_waiting_seconds": age,
             "recent_failures": failures,
             "spool": str(settings.spool.path),
+            "overflow_refused": refused,
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
     print(status_table(str(settings.spool.path), counts, age, failures))
+    if refused:
+        folder = settings.client.overflow_dir / overflow.REFUSED
+        print(
+            f"\n{refused} overflow files refused (not sealed by an allowed key), kept in {folder}"
+        )
     return 0
 
 

@@ -132,9 +132,13 @@ def set_aside(path: Path) -> Path:
     return path.rename(refused / path.name)
 
 
-def refused_count(folder: Path) -> int:
-    """How many spill files a daemon refused and kept in `folder/refused/`."""
-    return len(waiting(folder / REFUSED))
+def refused_count(folder: Path) -> int | None:
+    """How many spill files a daemon refused and kept in `folder/refused/`; None when that
+    folder cannot be read (it is the daemon's, mode 0700)."""
+    try:
+        return len(waiting(folder / REFUSED))
+    except OSError:
+        return None
 
 
 def _is_key(field: bytes) -> bool:
