@@ -3,7 +3,7 @@
 A user mistake (missing file, bad key, unknown template, bad address) prints one line to
 stderr and exits 2; a failure of the thing asked for (a template that fails `check`, a request
 `retry` could not re-queue) exits 1. A request no daemon took is kept in the overflow folder,
-not failed: `send` says so on stderr and exits 0.
+not failed: `send` says so on stderr and exits 0; if that folder cannot be written, it exits 1.
 """
 
 import argparse
@@ -141,9 +141,17 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
     with Client(settings) as client:
         request_id = client.enqueue_email(args.template, to=args.to, context=context)
         acknowledged = client.flush(2 * settings.client.ack_timeout)
+        unsaved = client.unsaved
     if sample and not args.sample:
         print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)
     print(request_id)
+    if unsaved:
+        print(
+            f"dispatcher: no daemon acknowledged {request_id}, and it could not be kept in"
+            f" {settings.client.overflow_dir} (see the errors above)",
+            file=sys.stderr,
+        )
+        return 1
     if not acknowledged:
         print(
             f"dispatcher: no daemon acknowledged {request_id}; it is kept in"

@@ -68,6 +68,12 @@ class Client:
         that keeps up sends its receipts in time, so this stays 0."""
         return 0 if self._handoff is None else self._handoff.resent
 
+    @property
+    def unsaved(self) -> int:
+        """Requests of this process held only in its memory, neither acknowledged by a daemon
+        nor written to `client.overflow_dir`: after a `flush()`, those that folder refused."""
+        return 0 if self._handoff is None else self._handoff.unsaved()
+
     def close(self) -> None:
         """Wait up to `client.exit_wait` for receipts, spill the rest and release the sockets.
 

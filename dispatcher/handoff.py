@@ -362,6 +362,11 @@ class Handoff:
         except zmq.ZMQError:  # Again: no daemon connected or its queue full; or closed
             return False
 
+    def unsaved(self) -> int:
+        """Requests held only in this process's memory: not acknowledged, not spilled."""
+        with self.lock:
+            return len(self.unsent) + len(self.pending) - sum(self.sources.values())
+
     def _awaiting_receipt(self) -> bool:
         """Handed over, not yet acknowledged, and not from a spill file (those are durable)."""
         return len(self.pending) > sum(self.sources.values())

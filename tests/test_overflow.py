@@ -280,3 +280,18 @@ def test_a_full_overflow_disk_keeps_requests_in_memory_until_a_daemon_takes_them
     assert sorted(m.message_id.strip("<>").split("@")[0] for m in smtp_server.messages) == sorted(
         ids
     )
+
+
+def test_send_exits_1_when_the_request_can_be_kept_nowhere(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    folder = small_disk / "overflow"
+    folder.mkdir()
+    fill(small_disk)
+    section = {"overflow_dir": str(folder), "ack_timeout": 0.1, "exit_wait": 0.1}
+    settings = write_settings(tmp_path, 1025, client=section)  # no daemon
+    result = run_cli("send", "welcome", "--to", "a@example.com", settings=settings)
+    assert result.returncode == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert f"could not be kept in {folder}" in result.stderr
+    assert "1 requests lost at exit" in result.stderr
