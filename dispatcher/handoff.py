@@ -8,6 +8,7 @@ caller's thread only checks, sends without blocking and records; one background 
 rest. Fork-safe: a child never touches its parent's `Handoff` (threads do not survive `fork()`).
 """
 
+import functools
 import itertools
 import logging
 import secrets
@@ -88,7 +89,6 @@ class Handoff:
         self.resent = 0  # frames sent a second time for want of a receipt (ever)
         self.receipt_at = float("-inf")  # time.monotonic() of the last receipt
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
-        self.seal = self._spill_seal()
         self.not_mine: set[str] = set()  # spill files sealed by another key: theirs to send
         self.spill_error = ""  # why the last spill failed; "" once one succeeds
         self.stopping = threading.Event()
@@ -123,8 +123,10 @@ class Handoff:
 
             secure_client_socket(socket, self.settings)
 
-    def _spill_seal(self) -> overflow.Seal | None:
-        """Under CURVE, spill files are sealed with this client's key (`overflow.Seal`)."""
+    @functools.cached_property
+    def seal(self) -> overflow.Seal | None:
+        """Under CURVE, spill files are sealed with this client's key (`overflow.Seal`); made
+        at the first spill or hand-over, so that a start does not pay for its X25519."""
         if self.settings.curve is None:
             return None
         from dispatcher.curve import spill_seal
