@@ -67,14 +67,13 @@ def spill(folder: Path, frames: Iterable[bytes], tag: str, seal: Seal | None = N
         data = seal.line(data) + data
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{tag}-{os.getpid()}-{next(_sequence)}{SUFFIX}"
-    temporary = folder / f".{name}.tmp"
+    temporary, final = folder / f".{name}.tmp", folder / name
     try:
         _write_synced(temporary, data)
+        os.rename(temporary, final)
     except OSError:
-        temporary.unlink(missing_ok=True)  # a half-written file only takes the space needed
+        temporary.unlink(missing_ok=True)  # a half-written file would only take space
         raise
-    final = folder / name
-    os.rename(temporary, final)
     _sync_folder(folder)
     return final
 
