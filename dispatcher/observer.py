@@ -33,6 +33,8 @@ class Observer:
             from dispatcher import metrics  # prometheus-client only when asked for
 
             self.metrics = metrics.Metrics(settings.spool, self.open_connections)
+            for relay in settings.smtp.relays:  # every relay's series exists from the start
+                self.metrics.relay_up.labels(relay.name).set(1)
 
     def open_connections(self) -> int:
         return sum(1 for connection in self.connections if connection.is_open)
@@ -73,6 +75,11 @@ class Observer:
     def watch(self, connection: SmtpConnection) -> None:
         """Count this worker's SMTP connection in `dispatcher_smtp_connections`."""
         self.connections.append(connection)
+
+    def relay(self, name: str, up: bool) -> None:
+        """Relay `name` (host:port) went down or came back (`dispatcher_relay_up`)."""
+        if self.metrics is not None:
+            self.metrics.relay_up.labels(name).set(1 if up else 0)
 
     def count(self, **outcomes: int) -> None:
         """`received=n`, `rejected=n`, ...: requests (or frames) that had this outcome."""

@@ -8,7 +8,7 @@ from dispatcher.admission import Admission, Schedule
 from dispatcher.delivery import Delivery
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
-from dispatcher.settings import Settings, SmtpSettings, SpoolSettings
+from dispatcher.settings import RetrySettings, Settings, SmtpSettings, SpoolSettings
 from dispatcher.spool import Incoming, Row
 from dispatcher.spool.sqlite import SqliteSpool
 
@@ -61,7 +61,11 @@ def test_a_row_goes_only_when_every_policy_admits_it() -> None:
 
 
 def delivery(tmp_path: Path, *policies: object) -> tuple[Delivery, SqliteSpool]:
-    settings = Settings(spool=SpoolSettings(path=tmp_path / "s.db"), smtp=SmtpSettings(port=1))
+    settings = Settings(
+        spool=SpoolSettings(path=tmp_path / "s.db"),
+        smtp=SmtpSettings(port=1),
+        retry=RetrySettings(max_age=1e12),  # rows are added at t=1.0: not expired by now
+    )
     spool = SqliteSpool(settings.spool.path, "test")
     renders = RenderPool(ROOT / "templates", "n@example.com", 0)
     admission = Admission(policies)  # type: ignore[arg-type]
@@ -84,7 +88,8 @@ def test_a_held_back_row_is_given_back_unrendered_and_due_when_the_policy_says(
     feeder, spool = delivery(tmp_path, EveryOther())
     add(spool, "a", "b")
     assert asyncio.run(feeder.feed_once()) == (2, None)
-    assert [feeder.queue.get_nowait().id] == ["a"] and feeder.queue.empty()
+    queue = feeder.relays.all[0].queue
+    assert [queue.get_nowait().id] == ["a"] and queue.empty()
     assert spool.inspect("b")["state"] == "queued"  # type: ignore[index]
     assert spool.inspect("b")["message"] is None  # type: ignore[index]  (never rendered)
     assert spool.inspect("b")["next_attempt_at"] > 25  # type: ignore[index]
