@@ -90,7 +90,7 @@ class Delivery:
         """
         waiting = {row.id for row in rows}
         try:
-            ready = await self.render(self.unexpired(rows))
+            ready = await self.render(rows)
             relay = self.relays.active()
             if relay is None:  # every relay went down while these rendered
                 return
@@ -101,18 +101,6 @@ class Delivery:
                 waiting.discard(row.id)
         finally:
             self.release(list(waiting & self.held))
-
-    def unexpired(self, rows: list[Row]) -> list[Row]:
-        """The rows still within `retry.max_age`; the others are dead. A request that waited
-        out a relay's outage, or never got an attempt of its own through it, ends here."""
-        at, retry = now(), self.settings.retry
-        fresh = []
-        for row in rows:
-            if expired(row, retry, at):
-                self.conclude(row, Dead(f"gave up after {retry.max_age:g} s in the queue"))
-            else:
-                fresh.append(row)
-        return fresh
 
     async def idle(self, closed: float | None) -> None:
         """Wait for the next due time (at most IDLE_WAKE), or an earlier wake-up.
@@ -208,10 +196,14 @@ class Delivery:
             )
             self.journal.flush()
             raise
-        if not self.relays.judge(relay, attempt):  # the relay failed, not this message
-            self.release([row.id])
-            return
         at = now()
+        if not self.relays.judge(relay, attempt):  # the relay failed, not this message:
+            if expired(row, self.settings.retry, at):  # no attempt used, but max_age holds
+                reason = f"gave up after {self.settings.retry.max_age:g} s in the queue"
+                self.conclude(row, Dead(f"{reason}: {attempt.reply}"), attempt)
+            else:
+                self.release([row.id])
+            return
         self.conclude(row, decide(attempt, row, row.attempts + 1, self.settings.retry, at), attempt)
 
     def conclude(self, row: Row, outcome: Outcome, attempt: Attempt | None = None) -> None:

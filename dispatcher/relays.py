@@ -106,7 +106,7 @@ class Relays:
         then = (
             f"sending through {active.name}"
             if active is not None
-            else f"next probe in {relay.probe_at - relay.since:.0f} s"
+            else f"next probe in {relay.probe_at - relay.since:.1f} s"
         )
         log.warning(
             "relay %s down: %s; %d waiting; %s", relay.name, reason, self.spool.waiting(), then

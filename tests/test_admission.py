@@ -8,7 +8,7 @@ from dispatcher.admission import Admission, Schedule
 from dispatcher.delivery import Delivery
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
-from dispatcher.settings import RetrySettings, Settings, SmtpSettings, SpoolSettings
+from dispatcher.settings import Settings, SmtpSettings, SpoolSettings
 from dispatcher.spool import Incoming, Row
 from dispatcher.spool.sqlite import SqliteSpool
 
@@ -61,11 +61,7 @@ def test_a_row_goes_only_when_every_policy_admits_it() -> None:
 
 
 def delivery(tmp_path: Path, *policies: object) -> tuple[Delivery, SqliteSpool]:
-    settings = Settings(
-        spool=SpoolSettings(path=tmp_path / "s.db"),
-        smtp=SmtpSettings(port=1),
-        retry=RetrySettings(max_age=1e12),  # rows are added at t=1.0: not expired by now
-    )
+    settings = Settings(spool=SpoolSettings(path=tmp_path / "s.db"), smtp=SmtpSettings(port=1))
     spool = SqliteSpool(settings.spool.path, "test")
     renders = RenderPool(ROOT / "templates", "n@example.com", 0)
     admission = Admission(policies)  # type: ignore[arg-type]
