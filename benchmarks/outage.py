@@ -21,6 +21,7 @@ and 8 connections, as a new user would set them:
 """
 
 import argparse
+import logging
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,8 @@ def outage(folder: Path, mails: int, seconds: float) -> None:
         state = counts(path)
         relay.greeting = None
         back = time.monotonic()
+        daemon.wait_for_log("up again", timeout=WAIT_LIMIT)
+        found = time.monotonic()
         done = wait(lambda: counts(path)["sent"] + counts(path)["dead"] >= mails, "all sent")
         final = counts(path)
     finally:
@@ -115,7 +118,10 @@ def outage(folder: Path, mails: int, seconds: float) -> None:
     for line in logged:
         print(f"    {line[:160]}")
     print(f"  at the end of the outage: {state['sent']} sent, {state['dead']} dead")
-    print(f"  all {final['sent']} sent {done - back:.1f} s after the relay came back;")
+    print(
+        f"  all {final['sent']} sent {done - back:.1f} s after the relay came back"
+        f" (a probe found it up after {found - back:.1f} s, the drain took {done - found:.1f} s);"
+    )
     print(f"  {final['dead']} dead; {once(relay)}")
 
 
@@ -236,6 +242,7 @@ def main() -> None:
     parser.add_argument("--only", default="outage,password,failover,rate")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # aiosmtpd warns about AUTH without TLS: loopback here
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="outage-", dir="/tmp") as tmp:
         folder = Path(tmp)
         cases: dict[str, Callable[[Path], None]] = {
