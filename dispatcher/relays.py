@@ -159,6 +159,8 @@ class Relays:
                 self.came_up(relay)
                 continue
             relay.probes += 1
-            relay.reason = failure
+            if failure != relay.reason:  # e.g. refused now, after a 421 at first
+                relay.reason = failure
+                self.publish(relay)
             relay.probe_at = now() + retry_delay(relay.probes + 1, *relay.settings.probe)
             log.debug("relay %s still down: %s", relay.name, failure)

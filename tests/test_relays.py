@@ -88,7 +88,7 @@ def test_a_relay_greeting_421_holds_the_queue_with_no_attempt_used_then_drains_i
     assert f'dispatcher_relay_up{{relay="{relay}"}} 0.0'.encode() in scrape
     (shown,) = status(path, capsys)["relays"]
     assert shown["relay"] == relay and shown["state"] == "down"
-    assert shown["reason"] == "421 4.3.2 Service not available"
+    assert shown["reason"].endswith("421 4.3.2 Service not available")  # a probe says "connect: "
 
     relay_server.greeting = None
     daemon.wait_for_counts(sent=30)
@@ -124,7 +124,7 @@ def test_a_wrong_password_is_one_clear_line_and_no_request_dies(
 
     assert daemon.counts()["dead"] == 0
     (shown,) = status(path, capsys)["relays"]
-    assert shown["state"] == "down" and shown["reason"].startswith("535 5.7.8")
+    assert shown["state"] == "down" and "535 5.7.8 Authentication" in shown["reason"]
     password.write_text("right-horse-battery\n")  # the operator fixes the credential
     daemon.wait_for_counts(sent=5)
     assert "horse-battery" not in daemon.log
