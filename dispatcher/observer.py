@@ -27,6 +27,7 @@ class Observer:
         self.spool = spool
         self.counts: Counter[str] = Counter()
         self.connections: list[SmtpConnection] = []
+        self.relays_down: set[str] = set()  # host:port of each relay that is down now
         self.notifier = Notifier()
         self.metrics: Metrics | None = None
         if settings.metrics.bind is not None:
@@ -68,7 +69,8 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        down = "".join(f"; relay {name} down" for name in sorted(self.relays_down))
+        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected{down}"
 
     # -- events ------------------------------------------------------------------------
 
@@ -78,6 +80,7 @@ class Observer:
 
     def relay(self, name: str, up: bool) -> None:
         """Relay `name` (host:port) went down or came back (`dispatcher_relay_up`)."""
+        (self.relays_down.discard if up else self.relays_down.add)(name)
         if self.metrics is not None:
             self.metrics.relay_up.labels(name).set(1 if up else 0)
 
