@@ -55,6 +55,7 @@ class Delivery:
         self.held: set[str] = set()  # claimed and not yet concluded or released
         self.wake = asyncio.Event()
         self.relays = Relays(settings, spool, observer, self.wake.set, self.batch)
+        # The relays' health is one more policy: nothing is claimed while every one is down.
         self.admission = Admission([*admission.rules, self.relays])
 
     # -- the feeder --------------------------------------------------------------------
