@@ -125,6 +125,11 @@ def test_a_wrong_password_is_one_clear_line_and_no_request_dies(
     assert daemon.counts()["dead"] == 0
     (shown,) = status(path, capsys)["relays"]
     assert shown["state"] == "down" and "535 5.7.8 Authentication" in shown["reason"]
+    assert cli.main(["status", "--settings", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert f"127.0.0.1:{relay_server.port}" in table and "down since" in table
+    assert daemon.daemon is not None  # and the service manager's status line says so:
+    assert daemon.daemon.observer.relays_down == {f"127.0.0.1:{relay_server.port}"}
     password.write_text("right-horse-battery\n")  # the operator fixes the credential
     daemon.wait_for_counts(sent=5)
     assert "horse-battery" not in daemon.log
