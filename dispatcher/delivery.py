@@ -54,6 +54,7 @@ class Delivery:
         self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
         self.held: set[str] = set()  # claimed and not yet concluded or released
         self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()  # sends waiting for their rate's slot are not to go
         self.relays = Relays(settings, spool, observer, self.wake.set, self.batch)
         # The relays' health is one more policy: nothing is claimed while every one is down.
         self.admission = Admission([*admission.rules, self.relays])
@@ -180,8 +181,10 @@ class Delivery:
     async def deliver(self, relay: Relay, connection: SmtpConnection, row: Row) -> None:
         assert row.message is not None and row.recipients is not None and row.envelope_from
         try:
-            await relay.pace.wait()
-        except asyncio.CancelledError:  # shutdown while waiting for the rate: nothing was sent
+            if not await relay.pace.wait(self.stopping):
+                self.release([row.id])  # stopping while it waited for the rate: never sent
+                return
+        except asyncio.CancelledError:
             self.release([row.id])
             raise
         try:
@@ -249,6 +252,7 @@ class Delivery:
 
     async def stop(self, workers: Sequence[asyncio.Task[None]]) -> None:
         """Let sends in flight finish (bounded), give the rest back to the spool."""
+        self.stopping.set()
         unsent = []
         for relay in self.relays.all:  # handed over but not sent: they wait as before
             while not relay.queue.empty():

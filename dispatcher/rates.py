@@ -7,6 +7,7 @@ stretch of time no more than `rate` a second go out, bursts included: a provider
 """
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import deque
@@ -62,11 +63,17 @@ class Pace:
         self.sent.append(slot)
         return slot - now
 
-    async def wait(self) -> None:
-        """Wait for this send's slot (at once while there is no limit)."""
+    async def wait(self, halt: asyncio.Event) -> bool:
+        """Wait for this send's slot (none while there is no limit); False when `halt` is set
+        first: the daemon is stopping and the message is not to go."""
         delay = self.reserve(time.monotonic())
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if delay <= 0:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await halt.wait()
+                return False
+        return True
 
     def slow_down(self, now: float) -> float | None:
         """The relay said we go too fast: halve the rate; returns the new rate, or None when

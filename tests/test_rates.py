@@ -13,6 +13,7 @@ from dispatcher.errors import SettingsError
 from dispatcher.rates import SLOWDOWN, DomainLimits, Pace, is_throttle, recipient_domains
 from dispatcher.settings import DomainLimit, load_settings
 from dispatcher.spool import Row
+from dispatcher.spool.sqlite import SqliteReader
 from tests.daemon import InProcessDaemon, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -148,3 +149,21 @@ def test_a_limited_domain_does_not_slow_mail_to_other_domains(
     assert slow_then < 9  # the fast domain was done before the slow one (9 at 4/s: 2 s)
     smtp_server.wait_for(39, timeout=30)
     assert time.monotonic() - started >= 1.9
+
+
+def test_a_stop_while_sends_wait_for_the_rate_gives_them_back_unsent(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: Callable[..., InProcessDaemon]
+) -> None:
+    path = write_settings(tmp_path, smtp_server.port, smtp={"rate": 0.5, "connections": 4})
+    daemon = run_daemon(path)
+    enqueue(path, [f"u{i}@example.com" for i in range(6)])
+    smtp_server.wait_for(1)
+    stopped = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - stopped < 1.9  # it did not wait for the next slot, 2 s later
+
+    with SqliteReader(daemon.settings.spool.path) as spool:
+        unsent = [spool.inspect(i) or {} for i in spool.waiting_ids()]
+    assert len(unsent) + len(smtp_server.messages) == 6 and len(unsent) >= 4
+    assert all(r["state"] == "queued" and r["attempts"] == 0 for r in unsent)
+    assert not any(r["maybe_duplicate"] for r in unsent)  # nothing was on the wire for them
