@@ -67,11 +67,13 @@ def status_table(
     lines.append(f"oldest waiting request: {waited}")
     if relays:
         lines += ["", "relays:"]
+    several = len({relay["daemon"] for relay in relays}) > 1  # then say whose view each is
     for relay in relays:
         state = relay["state"]
         if state == "down":
             state += f" since {timestamp(relay['since'])}: {relay['reason']}"
-        lines.append(f"  {relay['relay']:<32}  {state}")
+        seen_by = f"  (seen by {relay['daemon']})" if several else ""
+        lines.append(f"  {relay['relay']:<32}  {state}{seen_by}")
     if failures:
         lines += ["", "recent failures:"]
     for failure in failures:

@@ -224,3 +224,15 @@ def test_check_relays_reports_each_relay_in_one_line_and_sends_nothing(
         f"ok    127.0.0.1:{relay_server.port}  connected, EHLO, login as mailer ("
     )
     assert relay_server.messages == [] and smtp_server.messages == []
+
+
+def test_the_status_table_says_whose_view_of_a_relay_it_is_when_daemons_differ() -> None:
+    from dispatcher.admin import status_table
+
+    relays = [
+        {"daemon": "a", "relay": "r:25", "state": "up", "since": 0.0, "reason": ""},
+        {"daemon": "b", "relay": "r:25", "state": "down", "since": 0.0, "reason": "421 bye"},
+    ]
+    table = status_table("spool", {}, None, [], relays)
+    assert "r:25" in table and "down since" in table and "421 bye  (seen by b)" in table
+    assert "seen by" not in status_table("spool", {}, None, [], relays[:1])
