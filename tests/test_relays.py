@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from dispatcher import cli
+from dispatcher.admin import status_table
 from dispatcher.client import Client
 from dispatcher.settings import load_settings
 from dispatcher.spool.sqlite import SqliteReader
@@ -227,8 +228,6 @@ def test_check_relays_reports_each_relay_in_one_line_and_sends_nothing(
 
 
 def test_the_status_table_says_whose_view_of_a_relay_it_is_when_daemons_differ() -> None:
-    from dispatcher.admin import status_table
-
     relays = [
         {"daemon": "a", "relay": "r:25", "state": "up", "since": 0.0, "reason": ""},
         {"daemon": "b", "relay": "r:25", "state": "down", "since": 0.0, "reason": "421 bye"},
