@@ -6,6 +6,7 @@ answers into text an operator reads at 3 a.m., and parses what the operator type
 
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -53,8 +54,10 @@ def status_table(
     counts: dict[str, int],
     oldest_age: float | None,
     failures: list[dict[str, Any]],
+    relays: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """`dispatcher status` for people: counts by state, the oldest wait, recent failures."""
+    """`dispatcher status` for people: counts by state, the oldest wait, the relays as the
+    daemons last saw them, recent failures."""
     lines = [f"spool {spool}", "", f"{'state':<10}{'requests':>10}"]
     for state, n in counts.items():
         note = "  (frames refused at intake)" if state == "rejected" else ""
@@ -62,6 +65,15 @@ def status_table(
     lines.append("")
     waited = "nothing waits" if oldest_age is None else duration(oldest_age)
     lines.append(f"oldest waiting request: {waited}")
+    if relays:
+        lines += ["", "relays:"]
+    several = len({relay["daemon"] for relay in relays}) > 1  # then say whose view each is
+    for relay in relays:
+        state = relay["state"]
+        if state == "down":
+            state += f" since {timestamp(relay['since'])}: {relay['reason']}"
+        seen_by = f"  (seen by {relay['daemon']})" if several else ""
+        lines.append(f"  {relay['relay']:<32}  {state}{seen_by}")
     if failures:
         lines += ["", "recent failures:"]
     for failure in failures:

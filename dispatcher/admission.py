@@ -7,7 +7,7 @@ policy is one class with these two methods, added in `policies()`.
 """
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dispatcher.settings import Settings
 from dispatcher.spool import Row
@@ -25,6 +25,15 @@ class Policy(Protocol):
         ...
 
 
+@runtime_checkable
+class Counting(Protocol):
+    """A policy that counts the rows it admitted until they are done (connections per domain)."""
+
+    def finished(self, request_id: str) -> None:
+        """An admitted row was sent, deferred, made dead or given back unsent."""
+        ...
+
+
 class Schedule:
     """A request goes no earlier than it is due: its `send_at`, or its next retry."""
 
@@ -36,8 +45,13 @@ class Schedule:
 
 
 def policies(settings: Settings) -> list[Policy]:
-    """The policies the settings ask for, in the order they are asked."""
-    return [Schedule()]
+    """The policies the settings ask for, in the order they are asked (the relays' health is
+    the delivery side's own, added there)."""
+    if not settings.limits.domains:
+        return [Schedule()]
+    from dispatcher.rates import DomainLimits
+
+    return [Schedule(), DomainLimits(settings.limits.domains)]
 
 
 class Admission:
@@ -45,6 +59,7 @@ class Admission:
 
     def __init__(self, rules: Sequence[Policy]) -> None:
         self.rules = list(rules)
+        self.counting = [rule for rule in self.rules if isinstance(rule, Counting)]
 
     def closed_until(self, now: float) -> float | None:
         """When every closed policy has opened again, or None while all are open."""
@@ -65,6 +80,12 @@ class Admission:
             else:
                 go.append(row)
         return go, held
+
+    def finished(self, request_ids: Sequence[str]) -> None:
+        """Rows admitted earlier are done: the policies that count them let others go."""
+        for rule in self.counting:
+            for request_id in request_ids:
+                rule.finished(request_id)
 
 
 def urgency(row: Row) -> tuple[int, float]:

@@ -81,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     render_cmd.add_argument("--format", choices=["eml", "html", "text"], default="eml")
     status_cmd = command("status", status, "spool counts, oldest waiting request, recent failures")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
-    command("check", check, "validate settings; compile and render every template sample")
+    check_cmd = command(
+        "check", check, "validate settings; compile and render every template sample"
+    )
+    check_cmd.add_argument(
+        "--relays",
+        action="store_true",
+        help="instead: open a session to each relay (TLS, EHLO, login), sending nothing",
+    )
     inspect_cmd = command("inspect", inspect, "a request, its attempts and its rendered message")
     inspect_cmd.add_argument("id", metavar="ID")
     inspect_cmd.add_argument("--json", action="store_true", help="machine-readable output")
@@ -219,6 +226,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
+        relays = spool.relays()
     age = None if oldest is None else round(time.time() - oldest, 1)
     refused = overflow.refused_count(settings.client.overflow_dir)
     if args.json:
@@ -226,12 +234,13 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
             "counts": counts,
             "oldest_waiting_seconds": age,
             "recent_failures": failures,
+            "relays": relays,
             "spool": str(settings.spool.path),
             "overflow_refused": refused,
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(status_table(str(settings.spool.path), counts, age, failures))
+    print(status_table(str(settings.spool.path), counts, age, failures, relays))
     if refused:
         folder = settings.client.overflow_dir / overflow.REFUSED
         print(
@@ -283,6 +292,13 @@ def purge(settings: Settings, args: argparse.Namespace) -> int:
 
 def check(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.render import Renderer, check_templates
+
+    if args.relays:
+        from dispatcher.transport import check_relays
+
+        lines, failed = asyncio.run(check_relays(settings.smtp.relays))
+        print("\n".join(lines))
+        return 1 if failed else 0
     from dispatcher.transport import credential_warnings
 
     for warning in credential_warnings(settings.smtp):

@@ -1,9 +1,9 @@
 """The daemon's delivery side: claim → admit → render → send → decide → record.
 
 A feeder claims due requests in the spool, asks the admission policies which may go now,
-has those rendered (in the render processes) and hands them to `smtp.connections` workers,
-each owning one SMTP connection reused for many messages. Every outcome, of a send or of a
-render, is recorded through `conclude`.
+has those rendered (in the render processes) and hands them to the relay that is up (see
+`relays`), whose workers (`connections` of them) each own one SMTP connection reused for many
+messages. Every outcome, of a send or of a render, is recorded through `conclude`.
 """
 
 import asyncio
@@ -17,7 +17,8 @@ from dispatcher.admission import Admission
 from dispatcher.compose import RenderedMessage
 from dispatcher.journal import Journal
 from dispatcher.observer import Observer
-from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, finish
+from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, expired, finish
+from dispatcher.relays import Relay, Relays
 from dispatcher.renderpool import Failed, RenderPool
 from dispatcher.settings import Settings
 from dispatcher.spool import Finish, Row, Spool, Start, now
@@ -47,14 +48,16 @@ class Delivery:
         self.spool = spool
         self.renders = renders
         self.observer = observer
-        self.admission = admission
         self.journal = Journal(spool)
         # Rows claimed per feed: two per connection, so the next batch renders while the
         # workers send this one.
         self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
-        self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=self.batch)
         self.held: set[str] = set()  # claimed and not yet concluded or released
         self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()  # sends waiting for their rate's slot are not to go
+        self.relays = Relays(settings, spool, observer, self.wake.set, self.batch)
+        # The relays' health is one more policy: nothing is claimed while every one is down.
+        self.admission = Admission([*admission.rules, self.relays])
 
     # -- the feeder --------------------------------------------------------------------
 
@@ -90,14 +93,16 @@ class Delivery:
         waiting = {row.id for row in rows}
         try:
             ready = await self.render(rows)
+            relay = self.relays.active()
+            if relay is None:  # every relay went down while these rendered
+                return
             at = now()
             self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
             for row in ready:
-                await self.queue.put(row)
+                await relay.queue.put(row)
                 waiting.discard(row.id)
-        except BaseException:
+        finally:
             self.release(list(waiting & self.held))
-            raise
 
     async def idle(self, closed: float | None) -> None:
         """Wait for the next due time (at most IDLE_WAKE), or an earlier wake-up.
@@ -148,17 +153,22 @@ class Delivery:
         if request_ids:
             self.spool.release(request_ids, not_before)
             self.held.difference_update(request_ids)
+            self.admission.finished(request_ids)
 
     # -- the workers -------------------------------------------------------------------
 
-    async def work(self) -> None:
-        """One delivery worker with its own SMTP connection, kept open between messages."""
-        async with SmtpConnection(self.settings.smtp) as connection:
+    async def work(self, relay: Relay) -> None:
+        """One delivery worker of `relay` with its own SMTP connection, kept open between
+        messages. Rows queued for a relay that has gone down go back unsent."""
+        async with SmtpConnection(relay.settings) as connection:
             self.observer.watch(connection)
             while True:
-                row = await self.queue.get()
+                row = await relay.queue.get()
                 try:
-                    await self.deliver(connection, row)
+                    if relay.up:
+                        await self.deliver(relay, connection, row)
+                    else:
+                        self.release([row.id])
                 except Exception:  # a bug on one message must not stop delivery of the rest
                     log.exception("unexpected error delivering %s; will retry", row.id)
                     self.conclude(
@@ -168,8 +178,15 @@ class Delivery:
                     self.held.discard(row.id)
                     self.wake.set()
 
-    async def deliver(self, connection: SmtpConnection, row: Row) -> None:
+    async def deliver(self, relay: Relay, connection: SmtpConnection, row: Row) -> None:
         assert row.message is not None and row.recipients is not None and row.envelope_from
+        try:
+            if not await relay.pace.wait(self.stopping):
+                self.release([row.id])  # stopping while it waited for the rate: never sent
+                return
+        except asyncio.CancelledError:
+            self.release([row.id])
+            raise
         try:
             started = time.monotonic()
             attempt = await connection.deliver(row.envelope_from, row.recipients, row.message)
@@ -184,6 +201,13 @@ class Delivery:
             self.journal.flush()
             raise
         at = now()
+        if not self.relays.judge(relay, attempt):  # the relay failed, not this message:
+            if expired(row, self.settings.retry, at):  # no attempt used, but max_age holds
+                reason = f"gave up after {self.settings.retry.max_age:g} s in the queue"
+                self.conclude(row, Dead(f"{reason}: {attempt.reply}"), attempt)
+            else:
+                self.release([row.id])
+            return
         self.conclude(row, decide(attempt, row, row.attempts + 1, self.settings.retry, at), attempt)
 
     def conclude(self, row: Row, outcome: Outcome, attempt: Attempt | None = None) -> None:
@@ -191,6 +215,7 @@ class Delivery:
         at = now()
         self.journal.finish(finish(row, outcome, at, attempt))
         self.held.discard(row.id)
+        self.admission.finished([row.id])
         self.observer.finished(outcome.state, row.created_at)
         level = LOG_LEVELS[outcome.state]
         if attempt is None:  # nothing was sent: a render failure, or a fault of ours
@@ -227,9 +252,11 @@ class Delivery:
 
     async def stop(self, workers: Sequence[asyncio.Task[None]]) -> None:
         """Let sends in flight finish (bounded), give the rest back to the spool."""
+        self.stopping.set()
         unsent = []
-        while not self.queue.empty():  # handed over but not sent: they wait as before
-            unsent.append(self.queue.get_nowait().id)
+        for relay in self.relays.all:  # handed over but not sent: they wait as before
+            while not relay.queue.empty():
+                unsent.append(relay.queue.get_nowait().id)
         self.release(unsent)
         if self.held:
             with contextlib.suppress(TimeoutError):

@@ -61,6 +61,12 @@ class Metrics:
             "SMTP connections open now",
             registry=self.registry,
         ).set_function(open_connections)
+        self.relay_up = Gauge(
+            "dispatcher_relay_up",
+            "1 while the relay (host:port) takes mail, 0 while it is down and being probed",
+            ["relay"],
+            registry=self.registry,
+        )
         self.registry.register(SpoolCollector(spool))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -27,12 +27,15 @@ class Observer:
         self.spool = spool
         self.counts: Counter[str] = Counter()
         self.connections: list[SmtpConnection] = []
+        self.relays_down: set[str] = set()  # host:port of each relay that is down now
         self.notifier = Notifier()
         self.metrics: Metrics | None = None
         if settings.metrics.bind is not None:
             from dispatcher import metrics  # prometheus-client only when asked for
 
             self.metrics = metrics.Metrics(settings.spool, self.open_connections)
+            for relay in settings.smtp.relays:  # every relay's series exists from the start
+                self.metrics.relay_up.labels(relay.name).set(1)
 
     def open_connections(self) -> int:
         return sum(1 for connection in self.connections if connection.is_open)
@@ -66,13 +69,20 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        down = "".join(f"; relay {name} down" for name in sorted(self.relays_down))
+        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected{down}"
 
     # -- events ------------------------------------------------------------------------
 
     def watch(self, connection: SmtpConnection) -> None:
         """Count this worker's SMTP connection in `dispatcher_smtp_connections`."""
         self.connections.append(connection)
+
+    def relay(self, name: str, up: bool) -> None:
+        """Relay `name` (host:port) went down or came back (`dispatcher_relay_up`)."""
+        (self.relays_down.discard if up else self.relays_down.add)(name)
+        if self.metrics is not None:
+            self.metrics.relay_up.labels(name).set(1 if up else 0)
 
     def count(self, **outcomes: int) -> None:
         """`received=n`, `rejected=n`, ...: requests (or frames) that had this outcome."""

@@ -60,12 +60,22 @@ def decide(attempt: Attempt, row: Row, number: int, retry: RetrySettings, at: fl
         return Sent(attempt.reply) if attempt.delivered or row.delivered else Dead(attempt.reply)
     # After a partial delivery the final reply is a 250: what deferred the rest says more.
     reply = attempt.reply if attempt.code is None or attempt.code >= 400 else deferral(attempt)
-    expires = max(row.created_at, row.send_at or 0.0) + retry.max_age
+    expires = expiry(row, retry)
     if number >= retry.attempts:
         return Dead(f"gave up after {number} attempts: {reply}")
     if at >= expires:
         return Dead(f"gave up after {retry.max_age:g} s in the queue: {reply}")
     return Retry(reply, min(at + retry_delay(number, *retry.backoff), expires))
+
+
+def expiry(row: Row, retry: RetrySettings) -> float:
+    """When `retry.max_age` runs out for the request."""
+    return max(row.created_at, row.send_at or 0.0) + retry.max_age
+
+
+def expired(row: Row, retry: RetrySettings, at: float) -> bool:
+    """Whether the request has waited longer than `retry.max_age` (so is never sent)."""
+    return at >= expiry(row, retry)
 
 
 def deferral(attempt: Attempt) -> str:

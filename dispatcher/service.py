@@ -106,14 +106,12 @@ class Daemon:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
         self.renders.start()
         self.observer.start()  # metrics endpoint, then READY=1: every socket is bound
-        smtp = self.settings.smtp
+        relays = self.settings.smtp.relays
         log.info(
-            "listening on %s (receipts on %s), delivering to %s:%d with %d connections",
+            "listening on %s (receipts on %s), delivering to %s",
             self.settings.intake.bind,
             self.settings.intake.acks,
-            smtp.host,
-            smtp.port,
-            smtp.connections,
+            ", then ".join(f"{r.name} with {r.connections} connections" for r in relays),
         )
         delivery = self.delivery
         async with asyncio.TaskGroup() as group:
@@ -125,10 +123,12 @@ class Daemon:
                 group.create_task(self.prune(), name="prune"),
                 group.create_task(delivery.keep_claims(), name="claims"),
                 group.create_task(self.reloads(), name="reloads"),
+                group.create_task(delivery.relays.probe(), name="prober"),
             ]
             workers = [
-                group.create_task(delivery.work(), name=f"worker-{i}")
-                for i in range(smtp.connections)
+                group.create_task(delivery.work(relay), name=f"worker-{relay.name}-{i}")
+                for relay in delivery.relays.all
+                for i in range(relay.settings.connections)
             ]
             await stop.wait()
             log.info("stopping: no new requests; finishing sends in flight")

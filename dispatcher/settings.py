@@ -82,8 +82,8 @@ class TemplatesSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class SmtpSettings:
-    """The mail server every message is delivered to."""
+class RelaySettings:
+    """One mail server to deliver to: `smtp` itself, or one of `smtp.fallback`."""
 
     host: str = "127.0.0.1"
     port: int = 1025
@@ -93,17 +93,60 @@ class SmtpSettings:
     ca_file: Path | None = None  # CA bundle (PEM) to verify the server with, e.g. a private CA
     timeout: float = 30.0
     connections: int = 8
+    rate: float | None = None  # messages per second over all its connections; None: no limit
+    probe: tuple[float, float] = (5.0, 300.0)  # first and longest delay between probes when down
+
+    @property
+    def name(self) -> str:
+        """`host:port`, as logs, metrics and `status` name the relay."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def password(self) -> str | None:
+        """The relay's password, from `password_file`; never from YAML."""
+        return _read_password(self.password_file, f"relay {self.name}: password_file")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings(RelaySettings):
+    """The mail server every message is delivered to, and the relays used while it is down."""
+
+    fallback: tuple[RelaySettings, ...] = ()  # in order, each while the ones before are down
 
     def password(self) -> str | None:
         """The SMTP password: from the environment, else from `password_file`, never YAML."""
         if PASSWORD_ENV in os.environ:
             return os.environ[PASSWORD_ENV]
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise SettingsError(f"smtp.password_file: cannot read: {exc.strerror}") from None
+        return _read_password(self.password_file, "smtp.password_file")
+
+    @property
+    def relays(self) -> tuple[RelaySettings, ...]:
+        """This relay, then its fallbacks: the order in which they are used."""
+        return (self, *self.fallback)
+
+
+def _read_password(path: Path | None, key: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(f"{key}: cannot read: {exc.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainLimit:
+    """How fast, and over how many connections at once, mail to one recipient domain goes."""
+
+    rate: float | None = None  # messages per second; None: no limit
+    connections: int | None = None  # sends in flight at once; None: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """Limits per recipient domain (`limits.domains`), across all connections and relays."""
+
+    domains: dict[str, DomainLimit] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +203,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     mail: MailSettings = field(default_factory=MailSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None  # the settings file, for messages; None means defaults only
@@ -272,6 +316,10 @@ def _coerce(value: Any, hint: Any, key: str, base: Path) -> Any:
         return value
     if origin is tuple:
         return _coerce_tuple(value, args, key, base)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key}: expected a mapping, got {_shown(value)}")
+        return {str(k).lower(): _coerce(v, args[1], f"{key}.{k}", base) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise SettingsError(f"{key}: expected true or false, got {_shown(value)}")
@@ -339,12 +387,14 @@ def _checked(settings: Settings) -> Settings:
         if missing:
             raise SettingsError(f"{key}.{missing[0]}: required when {key} is set")
     smtp, retry = settings.smtp, settings.retry
-    if not 0 < smtp.port < 65536:
-        raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")
     if not 0 <= settings.templates.render_processes <= 64:
         raise SettingsError("templates.render_processes: expected 0 to 64")
-    if smtp.connections < 1 or smtp.timeout <= 0:
-        raise SettingsError("smtp.connections and smtp.timeout: must be positive")
+    _check_relays(smtp)
+    for domain, limit in settings.limits.domains.items():
+        if (limit.rate is not None and limit.rate <= 0) or (
+            limit.connections is not None and limit.connections < 1
+        ):
+            raise SettingsError(f"limits.domains.{domain}: rate and connections must be positive")
     first, longest = retry.backoff
     if not 0 < first <= longest:
         raise SettingsError(
@@ -362,3 +412,24 @@ def _checked(settings: Settings) -> Settings:
     except InvalidRequest as exc:
         raise SettingsError(str(exc)) from None
     return settings
+
+
+def _check_relays(smtp: SmtpSettings) -> None:
+    """Each relay's own keys; errors name the relay's key (`smtp.fallback[0].port`)."""
+    keys = ["smtp", *(f"smtp.fallback[{i}]" for i in range(len(smtp.fallback)))]
+    for key, relay in zip(keys, smtp.relays, strict=True):
+        if not 0 < relay.port < 65536:
+            raise SettingsError(f"{key}.port: {relay.port} is not a TCP port")
+        if relay.connections < 1 or relay.timeout <= 0:
+            raise SettingsError(f"{key}.connections and {key}.timeout: must be positive")
+        if relay.rate is not None and relay.rate <= 0:
+            raise SettingsError(f"{key}.rate: must be positive (or unset for no limit)")
+        first, longest = relay.probe
+        if not 0 < first <= longest:
+            raise SettingsError(
+                f"{key}.probe: expected [first, longest] with 0 < first <= longest,"
+                f" got {list(relay.probe)}"
+            )
+    names = [relay.name for relay in smtp.relays]
+    if len(set(names)) < len(names):
+        raise SettingsError(f"smtp.fallback: a relay is listed twice ({', '.join(names)})")

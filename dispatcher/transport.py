@@ -6,6 +6,7 @@ Only programming errors and cancellation propagate.
 """
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import re
@@ -25,7 +26,7 @@ from aiosmtplib import (
 
 from dispatcher.errors import SettingsError
 from dispatcher.hosts import is_loopback
-from dispatcher.settings import SmtpSettings
+from dispatcher.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class Attempt:
     refused: dict[str, str]  # recipient -> reason: permanent (5xx): never again
     code: int | None  # the server's final reply code, None for network errors
     reply: str  # "250 2.0.0 Ok queued", "451 4.3.0 Try later", "SMTPConnectError: ..."
+    # The relay failed, not this message: the session could not be opened (connect, TLS, EHLO,
+    # login) or the server said 421; nothing was delivered.
+    session_failed: bool = False
 
 
 class SmtpConnection:
@@ -64,7 +68,7 @@ class SmtpConnection:
     """
 
     def __init__(
-        self, settings: SmtpSettings, *, max_idle: float = _MAX_IDLE, max_age: float = _MAX_AGE
+        self, settings: RelaySettings, *, max_idle: float = _MAX_IDLE, max_age: float = _MAX_AGE
     ) -> None:
         self._settings = settings
         self._max_idle = max_idle
@@ -111,6 +115,43 @@ class SmtpConnection:
         self._used_at = time.monotonic()
         return self._scrubbed(replace(attempt, refused={**bad, **attempt.refused}))
 
+    async def check(self) -> tuple[list[str], str | None]:
+        """Open a session step by step as `deliver()` would (connect, TLS, EHLO, login), say
+        QUIT, send nothing: the steps that worked, and the failure (None when none failed).
+
+        For `dispatcher check --relays` and for probing a relay that is down.
+        """
+        settings = self._settings
+        steps: list[str] = []
+        step = "connect"
+        smtp: aiosmtplib.SMTP | None = None
+        try:
+            smtp = self._client(staged=True)
+            async with asyncio.timeout(2 * settings.timeout):
+                await smtp.connect()
+                steps.append("TLS" if settings.security == "tls" else "connected")
+                step = "EHLO"
+                await smtp.ehlo()
+                steps.append("EHLO")
+                if settings.security == "starttls":
+                    step = "STARTTLS"
+                    await smtp.starttls()
+                    steps.append("STARTTLS")
+                if settings.username:
+                    step = "login"
+                    await smtp.login(settings.username, self._password or "")
+                    steps.append(f"login as {settings.username}")
+                with contextlib.suppress(SMTPException):
+                    await smtp.quit()
+        except (SMTPException, OSError, TimeoutError, SettingsError) as exc:
+            reason = _describe(exc) if str(exc) else f"no answer within {2 * settings.timeout:g} s"
+            secret = self._password
+            return steps, f"{step}: {reason.replace(secret, '******') if secret else reason}"
+        finally:
+            if smtp is not None:
+                smtp.close()
+        return steps, None
+
     async def close(self) -> None:
         """Say QUIT (briefly) and close; the next `deliver()` would open a new connection."""
         smtp, self._smtp = self._smtp, None
@@ -135,8 +176,12 @@ class SmtpConnection:
                     # Connect, TLS, EHLO or AUTH failed: a problem of the session, not of this
                     # message, so even a 5xx here (e.g. 535 bad credentials) is only deferred.
                     self._abandon()
-                    return _everyone(rcpts, deferred=True, code=_code(exc), reply=_describe(exc))
-                return await self._send(smtp, envelope_from, rcpts, data)
+                    reply = _describe(exc)
+                    return _everyone(
+                        rcpts, deferred=True, code=_code(exc), reply=reply, session=True
+                    )
+                attempt = await self._send(smtp, envelope_from, rcpts, data)
+                return replace(attempt, session_failed=True) if attempt.code == 421 else attempt
         except (SMTPException, OSError) as exc:
             # Disconnect, read timeout or our own deadline in mid-transaction: the connection's
             # state is unknown, so it is dropped. The server may even have accepted the message.
@@ -161,23 +206,29 @@ class SmtpConnection:
             self._opened_at = self._used_at = time.monotonic()
         return self._smtp
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    def _client(self, *, staged: bool = False) -> aiosmtplib.SMTP:
+        """An unconnected client; `staged`: its `connect()` stops after the greeting (and the
+        TLS handshake of `security: tls`), leaving STARTTLS and login to the caller."""
         settings = self._settings
         self._password = settings.password() if settings.username else None
-        smtp = aiosmtplib.SMTP(
+        return aiosmtplib.SMTP(
             hostname=settings.host,
             port=settings.port,
             timeout=settings.timeout,
             use_tls=settings.security == "tls",
             # Explicit, never aiosmtplib's default None, which is opportunistic STARTTLS that a
             # stripped EHLO downgrades silently.
-            start_tls=settings.security == "starttls",
+            start_tls=settings.security == "starttls" and not staged,
             # TLS means a verified certificate: the system's CAs, or smtp.ca_file.
             validate_certs=True,
             cert_bundle=str(settings.ca_file) if settings.ca_file else None,
-            username=settings.username,
-            password=self._password,
+            username=None if staged else settings.username,
+            password=None if staged else self._password,
         )
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        settings = self._settings
+        smtp = self._client()
         await smtp.connect()
         # From here each attempt is bounded by its own deadline (`_deliver`), so the replies
         # need no timeout each: aiosmtplib's is an `asyncio.wait_for` per reply, 4 a message,
@@ -234,7 +285,25 @@ class SmtpConnection:
         )
 
 
-def credential_warnings(settings: SmtpSettings) -> list[str]:
+async def check_relays(relays: Sequence[RelaySettings]) -> tuple[list[str], bool]:
+    """`dispatcher check --relays`: one line per relay saying what worked and what did not,
+    and whether any failed. The relays are checked together, each bounded by its timeout."""
+
+    async def one(relay: RelaySettings) -> tuple[str, bool]:
+        started = time.monotonic()
+        async with SmtpConnection(relay) as connection:
+            steps, failure = await connection.check()
+        took = f"{time.monotonic() - started:.2f} s"
+        done = ", ".join(steps) or "nothing"
+        if failure is None:
+            return f"ok    {relay.name}  {done} ({took})", False
+        return f"FAIL  {relay.name}  {failure} (worked: {done}; {took})", True
+
+    results = await asyncio.gather(*(one(relay) for relay in relays))
+    return [line for line, _ in results], any(failed for _, failed in results)
+
+
+def credential_warnings(settings: RelaySettings) -> list[str]:
     """What `dispatcher check` warns about: credentials that would cross a network in clear."""
     if settings.username is None or settings.security != "none" or is_loopback(settings.host):
         return []
@@ -256,11 +325,13 @@ def _per_recipient(
     return Attempt(delivered, deferred, refused, code, reply)
 
 
-def _everyone(rcpts: tuple[str, ...], *, deferred: bool, code: int | None, reply: str) -> Attempt:
+def _everyone(
+    rcpts: tuple[str, ...], *, deferred: bool, code: int | None, reply: str, session: bool = False
+) -> Attempt:
     """The same outcome for every recipient."""
     reasons = dict.fromkeys(rcpts, reply)
     if deferred:
-        return Attempt((), reasons, {}, code, reply)
+        return Attempt((), reasons, {}, code, reply, session)
     return Attempt((), {}, reasons, code, reply)
 
 

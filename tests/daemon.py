@@ -44,7 +44,13 @@ def write_settings(folder: Path, smtp_port: int, **sections: dict[str, Any]) -> 
         },
         "spool": {"path": "spool.sqlite3"},
         "templates": {"dir": str(ROOT / "templates")},
-        "smtp": {"host": "127.0.0.1", "port": smtp_port, "timeout": 5, "connections": 4},
+        "smtp": {
+            "host": "127.0.0.1",
+            "port": smtp_port,
+            "timeout": 5,
+            "connections": 4,
+            "probe": [0.05, 0.3],  # a relay that was down is tried again as fast as retries
+        },
         # Fast retries, and so many that a slow machine never exhausts them while a test
         # keeps a fault in place: tests of retrying must not turn into tests of giving up.
         "retry": {"attempts": 1000, "backoff": [0.05, 0.3], "max_age": 600},

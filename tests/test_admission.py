@@ -84,7 +84,8 @@ def test_a_held_back_row_is_given_back_unrendered_and_due_when_the_policy_says(
     feeder, spool = delivery(tmp_path, EveryOther())
     add(spool, "a", "b")
     assert asyncio.run(feeder.feed_once()) == (2, None)
-    assert [feeder.queue.get_nowait().id] == ["a"] and feeder.queue.empty()
+    queue = feeder.relays.all[0].queue
+    assert [queue.get_nowait().id] == ["a"] and queue.empty()
     assert spool.inspect("b")["state"] == "queued"  # type: ignore[index]
     assert spool.inspect("b")["message"] is None  # type: ignore[index]  (never rendered)
     assert spool.inspect("b")["next_attempt_at"] > 25  # type: ignore[index]

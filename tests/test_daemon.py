@@ -131,7 +131,7 @@ def test_smtp_down_then_451_twice_per_message_every_mail_arrives_once(
     server = SmtpServer(port=free_port())  # not started: the mail server is down at first
     daemon = run_daemon(write_settings(tmp_path, server.port))
     ids = enqueue(daemon, 10)
-    daemon.wait_for_log("retry ")
+    daemon.wait_for_log(f"relay 127.0.0.1:{server.port} down: SMTPConnectError")
     server.fail_data_per_message(times=2, reply="451 4.3.0 Try again later")
     with server:
         messages = server.wait_for(10, timeout=60)

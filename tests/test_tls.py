@@ -8,8 +8,9 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiosmtpd.smtp import SMTP
@@ -18,6 +19,8 @@ from dispatcher.settings import SmtpSettings
 from dispatcher.transport import Attempt, SmtpConnection, credential_warnings
 from tests.daemon import run_cli, write_settings
 from tests.test_transport import ADA, SENDER, message
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -51,6 +54,16 @@ def deliver_over_tls(
     certificate: tuple[Path, Path], security: str, ca_file: Path | None
 ) -> tuple[Attempt, Collect]:
     """Serve one connection's worth of SMTP with TLS on a free port and deliver one message."""
+    return over_tls(certificate, security, ca_file, lambda c: c.deliver(SENDER, [ADA], message()))
+
+
+def over_tls(
+    certificate: tuple[Path, Path],
+    security: str,
+    ca_file: Path | None,
+    use: Callable[[SmtpConnection], Awaitable[T]],
+) -> tuple[T, Collect]:
+    """Serve SMTP with TLS on a free port while `use` works with a connection to it."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(*certificate)
     handler = Collect()
@@ -61,14 +74,14 @@ def deliver_over_tls(
 
     tls = server_context if security == "tls" else None
 
-    async def run() -> Attempt:
+    async def run() -> T:
         server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0, ssl=tls)
         port = server.sockets[0].getsockname()[1]
         settings = SmtpSettings(host="127.0.0.1", port=port, security=security,  # type: ignore[arg-type]
                                 timeout=10, ca_file=ca_file)  # fmt: skip
         try:
             async with SmtpConnection(settings) as connection:
-                return await connection.deliver(SENDER, [ADA], message())
+                return await use(connection)
         finally:
             server.close()
 
@@ -92,6 +105,19 @@ def test_the_servers_ca_in_smtp_ca_file_delivers(
     attempt, server = deliver_over_tls(certificate, security, ca_file=certificate[0])
     assert attempt.delivered == (ADA,), attempt.reply
     assert [e.rcpt_tos for e in server.received] == [[ADA]]
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_check_relays_verifies_the_certificate_and_names_the_step_that_failed(
+    certificate: tuple[Path, Path], security: str
+) -> None:
+    (steps, failure), _ = over_tls(certificate, security, certificate[0], lambda c: c.check())
+    assert failure is None
+    assert steps == (["TLS", "EHLO"] if security == "tls" else ["connected", "EHLO", "STARTTLS"])
+    (steps, failure), server = over_tls(certificate, security, None, lambda c: c.check())
+    assert failure is not None and "CERTIFICATE_VERIFY_FAILED" in failure
+    assert failure.startswith("connect: " if security == "tls" else "STARTTLS: ")
+    assert server.received == []
 
 
 def test_credentials_in_clear_to_another_host_are_warned_about() -> None:

@@ -8,13 +8,14 @@ import time
 
 from dispatcher.settings import SpoolSettings
 from dispatcher.spool.base import Reader, Spool
-from dispatcher.spool.records import STATES, Finish, Incoming, Row, Start
+from dispatcher.spool.records import STATES, Finish, Incoming, RelayState, Row, Start
 
 __all__ = [
     "STATES",
     "Finish",
     "Incoming",
     "Reader",
+    "RelayState",
     "Row",
     "Spool",
     "Start",

@@ -8,7 +8,7 @@ a daemon that dies leaves nothing stranded: its claims lapse and are taken again
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from dispatcher.spool.records import Finish, Incoming, Row, Start
+from dispatcher.spool.records import Finish, Incoming, RelayState, Row, Start
 
 
 class Reader(Protocol):
@@ -41,6 +41,11 @@ class Reader(Protocol):
 
     def inspect(self, request_id: str) -> dict[str, Any] | None:
         """Everything the store holds about one request, or None if it holds nothing."""
+        ...
+
+    def relays(self) -> list[dict[str, Any]]:
+        """Each relay as each daemon last recorded it: `daemon`, `relay` (host:port), `state`
+        (up or down), `since`, `reason`, `updated_at`."""
         ...
 
     def close(self) -> None: ...
@@ -105,6 +110,10 @@ class Spool(Reader, Protocol):
         attempt (or a render failure), the new state, and ends the claim. Need not be fsynced:
         at worst a crash sends a message again.
         """
+        ...
+
+    def set_relays(self, states: Sequence[RelayState], now: float) -> None:
+        """Replace this owner's record of its relays' states (for `dispatcher status`)."""
         ...
 
     # -- administration --

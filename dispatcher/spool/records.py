@@ -99,3 +99,13 @@ class Finish:
 
     def __post_init__(self) -> None:
         assert self.state in STATES
+
+
+@dataclass(frozen=True, slots=True)
+class RelayState:
+    """A relay as a daemon last saw it, for `dispatcher status`."""
+
+    relay: str  # host:port
+    up: bool
+    since: float  # when it went down or came up
+    reason: str  # why it is down; empty while up

@@ -15,7 +15,15 @@ import orjson
 from dispatcher.errors import SpoolError, StartupError, UsageError
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
-from dispatcher.spool.records import EXCERPT_BYTES, STATES, Finish, Incoming, Row, Start
+from dispatcher.spool.records import (
+    EXCERPT_BYTES,
+    STATES,
+    Finish,
+    Incoming,
+    RelayState,
+    Row,
+    Start,
+)
 from dispatcher.wire import PRIORITIES
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
@@ -129,6 +137,20 @@ class SqliteReader:
             )
         ]
         return report
+
+    def relays(self) -> list[dict[str, Any]]:
+        try:
+            found = self.db.execute(
+                "select owner, relay, up, since, reason, updated_at from relays"
+                " order by owner, rowid"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a spool no daemon of this release has opened yet
+            return []
+        keys = ("daemon", "relay", "state", "since", "reason", "updated_at")
+        return [
+            dict(zip(keys, (owner, relay, "up" if up else "down", *rest), strict=True))
+            for owner, relay, up, *rest in found
+        ]
 
 
 class SqliteSpool(SqliteReader):
@@ -373,6 +395,15 @@ class SqliteSpool(SqliteReader):
                     for f in finishes
                     if f.number is not None
                 ],
+            )
+
+    def set_relays(self, states: Sequence[RelayState], now: float) -> None:
+        with self.transaction(durable=False) as db:
+            db.execute("delete from relays where owner = ?", (self.owner,))
+            db.executemany(
+                "insert into relays (owner, relay, up, since, reason, updated_at)"
+                " values (?, ?, ?, ?, ?, ?)",
+                [(self.owner, s.relay, s.up, s.since, s.reason, now) for s in states],
             )
 
     # -- administration ----------------------------------------------------------------

@@ -11,7 +11,22 @@ from datetime import datetime
 
 import orjson
 
-SCHEMA = """
+# Each daemon's relays (host:port) and whether they are up, as it last saw them.
+RELAYS = """
+create table relays (
+    owner text not null,
+    relay text not null,
+    up integer not null,
+    since real not null,
+    reason text not null,
+    updated_at real not null,
+    primary key (owner, relay)
+)
+"""
+
+SCHEMA = (
+    RELAYS
+    + """;
 create table requests (
     id text primary key,
     idempotency_key text unique,
@@ -59,6 +74,7 @@ create table rejected (
     excerpt blob not null               -- the first bytes of the frame, for the operator
 );
 """
+)
 
 
 def _claims_and_send_at(db: sqlite3.Connection) -> None:
@@ -79,8 +95,13 @@ def _claims_and_send_at(db: sqlite3.Connection) -> None:
             )
 
 
+def _relays(db: sqlite3.Connection) -> None:
+    """Version 2: each daemon's relays and whether they are up, for `dispatcher status`."""
+    db.execute(RELAYS)
+
+
 # Step n takes a spool from version n - 1 to n. Append; never edit a step that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_claims_and_send_at]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_claims_and_send_at, _relays]
 VERSION = len(MIGRATIONS)
 
 
