@@ -44,6 +44,7 @@ class Daemon:
             settings.templates.dir,
             settings.mail.from_,
             settings.templates.render_processes,
+            timeout=settings.templates.render_timeout,
             auto_reload=auto_reload,
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))

@@ -79,6 +79,7 @@ class TemplatesSettings:
     dir: Path = Path("templates")
     # Worker processes that render (Jinja, CSS, MIME) beside the event loop; 0 renders on it.
     render_processes: int = 1
+    render_timeout: float = 10.0  # seconds a render may take before its request is dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +344,8 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError(f"smtp.port: {smtp.port} is not a TCP port")
     if not 0 <= settings.templates.render_processes <= 64:
         raise SettingsError("templates.render_processes: expected 0 to 64")
+    if settings.templates.render_timeout <= 0:
+        raise SettingsError("templates.render_timeout: must be a positive number of seconds")
     if smtp.connections < 1 or smtp.timeout <= 0:
         raise SettingsError("smtp.connections and smtp.timeout: must be positive")
     first, longest = retry.backoff

@@ -116,7 +116,8 @@ class DaemonProcess(RunningDaemon):
     """`python -m dispatcher run` in a subprocess; its log lines are collected as they come.
 
     `command` runs another long-lived command instead (`dev`, `preview --port 0`), ready once
-    a log line contains `ready`.
+    a log line contains `ready`. `own_group`: in a process group of its own, as a terminal or a
+    supervisor starts it, so a test can signal the whole group.
     """
 
     def __init__(
@@ -125,6 +126,8 @@ class DaemonProcess(RunningDaemon):
         command: tuple[str, ...] = ("run",),
         ready: str = "listening on",
         env: dict[str, str] | None = None,
+        *,
+        own_group: bool = False,
     ) -> None:
         super().__init__(settings_path, load_settings(settings_path, environ={}))
         environ = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -137,6 +140,7 @@ class DaemonProcess(RunningDaemon):
             stdout=subprocess.DEVNULL,
             text=True,
             env=environ,
+            process_group=0 if own_group else None,
         )
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_for_log(ready, START_TIMEOUT)
@@ -310,8 +314,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory: start a daemon on a settings file; every one started is stopped afterwards."""
     started: list[DaemonProcess] = []
 
-    def start(settings_path: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(settings_path, env=env)
+    def start(
+        settings_path: Path, env: dict[str, str] | None = None, *, own_group: bool = False
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(settings_path, env=env, own_group=own_group)
         started.append(daemon)
         return daemon
 
