@@ -15,12 +15,14 @@ from collections.abc import Sequence
 
 from dispatcher.admission import Admission
 from dispatcher.compose import RenderedMessage
+from dispatcher.errors import StoreUnavailable
 from dispatcher.journal import Journal
 from dispatcher.observer import Observer
 from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, finish
 from dispatcher.renderpool import Failed, RenderPool
 from dispatcher.settings import Settings
 from dispatcher.spool import Finish, Row, Spool, Start, now
+from dispatcher.storehealth import next_pause
 from dispatcher.transport import Attempt, SmtpConnection
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,14 @@ class Delivery:
         self.renders = renders
         self.observer = observer
         self.admission = admission
-        self.journal = Journal(spool)
+        self.journal = Journal(spool, observer.store)
         # Rows claimed per feed: two per connection, so the next batch renders while the
         # workers send this one.
         self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=self.batch)
         self.held: set[str] = set()  # claimed and not yet concluded or released
+        # Given back while the store could not take it: given back again on the next feed.
+        self.unreleased: list[tuple[list[str], float | None]] = []
         self.wake = asyncio.Event()
 
     # -- the feeder --------------------------------------------------------------------
@@ -61,9 +65,19 @@ class Delivery:
     async def feed(self) -> None:
         """Feed the workers; sleep until the next is due, a worker finishes or intake stores
         more."""
+        pause = None
         while True:
             self.wake.clear()
-            claimed, closed = await self.feed_once()
+            try:
+                self.release_again()
+                claimed, closed = await self.feed_once()
+            except StoreUnavailable as exc:  # nothing was claimed: look again later
+                self.observer.store.failed("claims", exc)
+                pause = next_pause(pause)
+                await asyncio.sleep(pause)
+                continue
+            self.observer.store.succeeded("claims")
+            pause = None
             if not claimed:
                 await self.idle(closed)
 
@@ -91,7 +105,8 @@ class Delivery:
         try:
             ready = await self.render(rows)
             at = now()
-            self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
+            starts = [Start(row, row.attempts + 1, at) for row in ready]
+            await self.observer.store.retry("claims", lambda: self.journal.start(starts))
             for row in ready:
                 await self.queue.put(row)
                 waiting.discard(row.id)
@@ -144,10 +159,23 @@ class Delivery:
         return ready
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
-        """Give claimed rows back to the spool unsent."""
-        if request_ids:
+        """Give claimed rows back to the spool unsent (later, if the store cannot take it now:
+        till then they stay claimed by this daemon, and nobody sends them)."""
+        if not request_ids:
+            return
+        self.held.difference_update(request_ids)
+        try:
             self.spool.release(request_ids, not_before)
-            self.held.difference_update(request_ids)
+        except StoreUnavailable as exc:
+            self.observer.store.failed("claims", exc)
+            self.unreleased.append((list(request_ids), not_before))
+
+    def release_again(self) -> None:
+        """Give back what could not be given back before; `StoreUnavailable` if still not."""
+        while self.unreleased:
+            request_ids, not_before = self.unreleased[0]
+            self.spool.release(request_ids, not_before)
+            del self.unreleased[0]
 
     # -- the workers -------------------------------------------------------------------
 
@@ -220,7 +248,12 @@ class Delivery:
         every = self.settings.spool.lease / 3
         while True:
             await asyncio.sleep(every)
-            freed = self.spool.renew(now())
+            try:
+                freed = self.spool.renew(now())
+            except StoreUnavailable as exc:  # a lease that lapses meanwhile is taken over by
+                self.observer.store.failed("leases", exc)  # another daemon, as after a crash
+                continue
+            self.observer.store.succeeded("leases")
             if freed:
                 log.warning("%d sends of a daemon that stopped renewing go again", freed)
                 self.wake.set()
@@ -240,3 +273,10 @@ class Delivery:
         for worker in workers:
             worker.cancel()
         self.journal.flush()
+        if self.journal.finishes or self.unreleased:
+            log.error(
+                "the store is unavailable: %d outcomes not recorded and %d claims not given"
+                " back; those requests go again at the next start",
+                len(self.journal.finishes),
+                sum(len(ids) for ids, _ in self.unreleased),
+            )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from dispatcher.notify import Notifier
 from dispatcher.settings import Settings
 from dispatcher.spool import Reader
+from dispatcher.storehealth import StoreHealth
 from dispatcher.transport import SmtpConnection
 
 if TYPE_CHECKING:
@@ -26,13 +27,16 @@ class Observer:
         self.settings = settings
         self.spool = spool
         self.counts: Counter[str] = Counter()
+        self.store = StoreHealth()  # told by every writer of the spool
         self.connections: list[SmtpConnection] = []
         self.notifier = Notifier()
         self.metrics: Metrics | None = None
         if settings.metrics.bind is not None:
             from dispatcher import metrics  # prometheus-client only when asked for
 
-            self.metrics = metrics.Metrics(settings.spool, self.open_connections)
+            self.metrics = metrics.Metrics(
+                settings.spool, self.open_connections, lambda: int(self.store.available)
+            )
 
     def open_connections(self) -> int:
         return sum(1 for connection in self.connections if connection.is_open)
@@ -66,7 +70,11 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        status = f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        if self.store.available:
+            return status
+        outage = f"store unavailable for {self.store.unavailable_for():.0f} s: {self.store.reason}"
+        return f"{outage}; {status}"
 
     # -- events ------------------------------------------------------------------------
 

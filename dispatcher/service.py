@@ -1,6 +1,7 @@
 """The daemon: intake and delivery around one spool, as named tasks under one TaskGroup."""
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -9,7 +10,7 @@ import zmq.asyncio
 
 from dispatcher.admission import Admission, policies
 from dispatcher.delivery import SHUTDOWN_GRACE, Delivery
-from dispatcher.errors import StartupError
+from dispatcher.errors import StartupError, StoreUnavailable
 from dispatcher.intake import Intake
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
@@ -79,9 +80,10 @@ class Daemon:
         keep = self.settings.spool.keep_sent
         while True:
             removed = 0
-            while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
-                removed += n
-                await asyncio.sleep(0)
+            with contextlib.suppress(StoreUnavailable):  # its writers tell; pruned next time
+                while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                    removed += n
+                    await asyncio.sleep(0)
             if removed:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)
@@ -102,7 +104,8 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
-        recovered = self.spool.recover(now())
+        # On a store that cannot be written, it waits here: nothing can be claimed before.
+        recovered = await self.observer.store.retry("leases", lambda: self.spool.recover(now()))
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
         self.renders.start()

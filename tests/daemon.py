@@ -168,6 +168,7 @@ class DaemonProcess(RunningDaemon):
 
 
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
+T = TypeVar("T")
 
 
 class InProcessDaemon(RunningDaemon):
@@ -250,6 +251,17 @@ class InProcessDaemon(RunningDaemon):
             await self.daemon.run(stop)
         finally:
             self.daemon.close()
+
+    def call(self, function: Callable[[Daemon], T]) -> T:
+        """Run `function(daemon)` on the daemon's own thread (its spool connection lives there)
+        and return what it returns."""
+        loop, daemon = self._loop, self.daemon
+        assert loop is not None and daemon is not None, "the daemon is not running"
+
+        async def run() -> T:
+            return function(daemon)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(START_TIMEOUT)
 
     def reload(self) -> None:
         """Ask the daemon to re-read its CURVE allowlist, as SIGHUP does (a signal would hit
