@@ -210,6 +210,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
+        problem = spool.write_problem()
     age = None if oldest is None else round(time.time() - oldest, 1)
     if args.json:
         report = {
@@ -217,10 +218,11 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
             "oldest_waiting_seconds": age,
             "recent_failures": failures,
             "spool": str(settings.spool.path),
+            "write_problem": problem,
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(status_table(str(settings.spool.path), counts, age, failures))
+    print(status_table(str(settings.spool.path), counts, age, failures, problem))
     return 0
 
 

@@ -52,8 +52,9 @@ class SqliteReader:
                 check_same_thread=False,
             )
             (version,) = self.db.execute("pragma user_version").fetchone()
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool.path: cannot read {path}: {exc}") from None
+        except sqlite3.Error as exc:  # a reader creates the -shm file when no daemon has it
+            why = "; ".join(filter(None, [str(exc), self.write_problem()]))
+            raise SpoolError(f"spool.path: cannot read {path}: {why}") from None
         if version > sqlite_schema.VERSION:
             raise SpoolError(f"spool.path: {path} was written by a newer dispatcher")
 
