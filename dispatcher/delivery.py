@@ -120,7 +120,10 @@ class Delivery:
         A due time already past belongs to a row a worker holds: a worker finishing wakes us,
         so waiting for that is not a busy loop.
         """
-        next_due = closed if closed is not None else self.spool.next_due_at()
+        next_due = closed
+        if next_due is None:
+            with contextlib.suppress(StoreUnavailable):  # a store that is down: look in a second
+                next_due = self.spool.next_due_at()
         current = now()
         timeout = IDLE_WAKE
         if next_due is not None and next_due > current:

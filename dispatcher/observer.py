@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from dispatcher.errors import StoreUnavailable
 from dispatcher.notify import Notifier
 from dispatcher.settings import Settings
 from dispatcher.spool import Reader
@@ -70,7 +71,11 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        status = f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        try:
+            waiting = str(self.spool.waiting())
+        except StoreUnavailable:  # a store that is down cannot say; the line below says why
+            waiting = "?"
+        status = f"{waiting} waiting; since start {done}, {rejected} rejected"
         if self.store.available:
             return status
         outage = f"store unavailable for {self.store.unavailable_for():.0f} s: {self.store.reason}"
