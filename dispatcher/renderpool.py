@@ -11,7 +11,6 @@ its batch are rendered all the same.
 """
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -19,7 +18,6 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -53,21 +51,41 @@ Result = RenderedMessage | Failed
 
 
 class RenderTimeout(BaseException):
-    """Raised inside a render that passed its time bound, by the alarm `deadline` set.
+    """Raised inside a render that passed its time bound, by the alarm `render_all` set.
 
     A BaseException, as KeyboardInterrupt is: no `except Exception` on the way (a filter, the
     renderer's own wrapping of template errors) may turn it into something else."""
 
 
 _worker_renderer: Renderer | None = None  # in a worker process: built once by `_start`
-_deadline_armed = False  # the alarm may interrupt the code running now: a render's
+_rendering = False  # the alarm may interrupt the code running now: a render's
+
+
+def render_all(renderer: Renderer, batch: list[bytes], timeout: float) -> list[Result]:
+    """Render a batch, each request within `timeout` seconds: SIGALRM interrupts a template
+    spinning in Python at its next bytecode. Only the main thread receives signals, so on
+    another (a daemon run on a thread, in tests) renders are bounded in size only."""
+    if threading.current_thread() is not threading.main_thread():
+        return [render_stored(renderer, stored, timeout) for stored in batch]
+    previous = signal.signal(signal.SIGALRM, _expired)
+    try:
+        results = []
+        for stored in batch:
+            signal.setitimer(signal.ITIMER_REAL, timeout)  # each request's own deadline
+            results.append(render_stored(renderer, stored, timeout))
+        return results
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def render_stored(renderer: Renderer, stored: bytes, timeout: float) -> Result:
     """Render one request as the spool holds it (its wire-form JSON), within its bounds."""
+    global _rendering
     try:
-        with deadline(timeout):
-            message = renderer.render(wire.validate(orjson.loads(stored)))
+        _rendering = True
+        message = renderer.render(wire.validate(orjson.loads(stored)))
+        _rendering = False  # an alarm handled from here on is ignored
     except RenderTimeout:
         return too_slow(stored, timeout)
     except MemoryError:
@@ -76,6 +94,8 @@ def render_stored(renderer: Renderer, stored: bytes, timeout: float) -> Result:
         return Failed(str(exc), permanent=True)
     except Exception as exc:  # a bug, or a resource running out: try again later, never lose it
         return Failed(f"internal error: {type(exc).__name__}: {exc}", permanent=False)
+    finally:
+        _rendering = False
     if len(message.data) > MAX_MESSAGE_BYTES:
         return Failed(
             f"{template_of(stored)}: rendered message of {len(message.data)} bytes is over the"
@@ -97,28 +117,8 @@ def template_of(stored: bytes) -> str:
         return "template ?"
 
 
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the block with RenderTimeout after `seconds`, by SIGALRM: a template spinning
-    in Python stops at its next bytecode. Only the main thread receives signals, so elsewhere
-    (a daemon on a thread, in tests) the block runs unbounded."""
-    global _deadline_armed
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGALRM, _expired)
-    _deadline_armed = True
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        _deadline_armed = False  # first: an alarm handled from here on is ignored
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _expired(signum: int, frame: FrameType | None) -> None:
-    if _deadline_armed:
+    if _rendering:
         raise RenderTimeout
 
 
@@ -143,7 +143,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _render_batch(batch: list[bytes], timeout: float) -> list[Result]:
     assert _worker_renderer is not None, "worker started without its renderer"
-    return [render_stored(_worker_renderer, stored, timeout) for stored in batch]
+    return render_all(_worker_renderer, batch, timeout)
 
 
 class RenderPool:
@@ -170,7 +170,7 @@ class RenderPool:
         if not batch:
             return []
         if not self.processes:
-            return [render_stored(self.renderer, stored, self.timeout) for stored in batch]
+            return render_all(self.renderer, batch, self.timeout)
         size = -(-len(batch) // self.processes)  # one share per worker
         shares = [batch[start : start + size] for start in range(0, len(batch), size)]
         try:
