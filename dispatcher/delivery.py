@@ -65,6 +65,7 @@ class Delivery:
     async def feed(self) -> None:
         """Feed the workers; sleep until the next is due, a worker finishes or intake stores
         more."""
+        await self.recover()
         pause = None
         while True:
             self.wake.clear()
@@ -80,6 +81,13 @@ class Delivery:
             pause = None
             if not claimed:
                 await self.idle(closed)
+
+    async def recover(self) -> None:
+        """Free what this daemon's earlier life held: first, as nothing may be claimed before;
+        waiting, while the store cannot be written, with intake already serving."""
+        recovered = await self.observer.store.retry("leases", lambda: self.spool.recover(now()))
+        if recovered:
+            log.warning("%d sends were interrupted by a crash; sending again", recovered)
 
     async def feed_once(self) -> tuple[int, float | None]:
         """Claim, admit, render and hand over one batch; returns how many rows were claimed

@@ -104,10 +104,6 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
-        # On a store that cannot be written, it waits here: nothing can be claimed before.
-        recovered = await self.observer.store.retry("leases", lambda: self.spool.recover(now()))
-        if recovered:
-            log.warning("%d sends were interrupted by a crash; sending again", recovered)
         self.renders.start()
         self.observer.start()  # metrics endpoint, then READY=1: every socket is bound
         smtp = self.settings.smtp
