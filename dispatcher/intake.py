@@ -33,6 +33,9 @@ RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
 REBIND_PATIENCE = 2.0  # seconds of failed attempts before that is logged as an error
+# Seconds the store may be unavailable before intake sheds what arrives: its clients send it
+# again, into a queue whose high-water mark counts frames, not bytes (50,000 of 20 KB: 1 GB).
+SHED_AFTER = 5.0
 
 
 async def bind_again(socket: zmq.asyncio.Socket, endpoint: str) -> None:
@@ -102,6 +105,8 @@ class Intake:
             self.close()
             raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
+        self.shedding = False  # dropping what arrives, in a long outage
+        self.shed_anonymous = 0  # frames without a client id dropped in this outage
         self.overflow_complaint = ""
 
     def bind(self, context: zmq.asyncio.Context) -> None:
@@ -153,10 +158,34 @@ class Intake:
         while True:
             await self.pull.poll()  # readable (POLLIN), no timeout
             batch = self.sort(self.receive())
-            # The socket is not read until the store takes this batch: ZeroMQ's queue fills to
-            # its high-water mark and pushes back on the clients, which keep or spill what has
-            # no receipt, so memory stays bounded however long the store is away.
-            await self.observer.store.retry("intake", functools.partial(self.commit, batch))
+            # Until the store takes this batch nothing more is stored or acknowledged: clients
+            # keep, re-send and spill what has no receipt. The socket is not read for a short
+            # outage; in a longer one what arrives is read and dropped, so that the re-sends do
+            # not pile up in ZeroMQ's queue: memory stays bounded however long the store is away.
+            commit = functools.partial(self.commit, batch)
+            await self.observer.store.retry("intake", commit, waiting=self.shed)
+            self.shedding = False
+            if self.shed_anonymous:
+                log.warning(
+                    "%d frames without a client id were dropped while the store was"
+                    " unavailable (such senders get no receipt and cannot send them again)",
+                    self.shed_anonymous,
+                )
+                self.shed_anonymous = 0
+
+    def shed(self) -> None:
+        """In an outage past SHED_AFTER seconds, drop what has arrived; only a frame without a
+        client id (fire-and-forget, at most once) is lost by it, and counted."""
+        if self.observer.store.unavailable_for() < SHED_AFTER:
+            return
+        if not self.shedding:
+            self.shedding = True
+            log.warning("intake drops what arrives until the store is back; clients send it again")
+        for _ in range(RECEIVE_HWM // BATCH + 1):
+            frames = self.receive()
+            self.shed_anonymous += sum(1 for frame in frames if wire.sender_of(frame) is None)
+            if len(frames) < BATCH:
+                return
 
     def receive(self) -> list[bytes]:
         """Up to BATCH frames that already arrived, without blocking."""

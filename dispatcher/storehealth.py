@@ -7,6 +7,7 @@ one log line when it starts and one when it ends.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ class StoreHealth:
         self.failing: set[str] = set()
         self.since: float | None = None  # time.monotonic() when the first writer failed
         self.reason = ""
+        self.back = asyncio.Event()  # set while no writer fails: the others try again at once
+        self.back.set()
 
     @property
     def available(self) -> bool:
@@ -41,6 +44,7 @@ class StoreHealth:
         """`writer` could not write; the first failure of an outage is logged."""
         if not self.failing:
             self.since, self.reason = time.monotonic(), str(exc)
+            self.back.clear()
             log.error(
                 "store unavailable: %s; new requests are not acknowledged (clients keep them)"
                 " and every write is tried again until it succeeds",
@@ -56,21 +60,29 @@ class StoreHealth:
         if not self.failing:
             log.warning("store available again after %.1f s", self.unavailable_for())
             self.since = None
+            self.back.set()
 
     def unavailable_for(self) -> float:
         """Seconds since the store became unavailable; 0 while it is available."""
         return 0.0 if self.since is None else time.monotonic() - self.since
 
-    async def retry(self, writer: str, write: Callable[[], T]) -> T:
-        """Call `write` until it succeeds, pausing between tries (bounded, doubling)."""
+    async def retry(
+        self, writer: str, write: Callable[[], T], waiting: Callable[[], None] | None = None
+    ) -> T:
+        """Call `write` until it succeeds, pausing between tries (bounded, doubling);
+        `waiting` is called after each failure."""
         pause = None
         while True:
             try:
                 result = write()
             except StoreUnavailable as exc:
                 self.failed(writer, exc)
+                if waiting is not None:
+                    waiting()
                 pause = next_pause(pause)
-                await asyncio.sleep(pause)
+                with contextlib.suppress(TimeoutError):  # or sooner, once another writer wrote
+                    async with asyncio.timeout(pause):
+                        await self.back.wait()
                 continue
             self.succeeded(writer)
             return result

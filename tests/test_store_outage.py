@@ -13,6 +13,7 @@ from typing import cast
 
 import orjson
 import pytest
+import zmq
 
 import dispatcher
 from dispatcher import overflow
@@ -75,17 +76,43 @@ def test_a_full_spool_is_waited_out_and_every_request_is_delivered_once(
     # Nothing acknowledged: the client spills what it holds, and says it did not all go.
     assert dispatcher.flush(5) is False
     assert daemon.counts()["queued"] == 0
+    # In a longer outage what arrives is read and dropped, so re-sends cannot pile up in
+    # memory: a client's request comes again, a frame without a client id is lost and counted.
+    daemon.wait_for_log("intake drops what arrives until the store is back")
+    ids += enqueue(3)
+    send_anonymous(daemon)
+    wait_until(lambda: daemon.call(lambda d: d.intake.shed_anonymous) == 1)
     assert daemon.alive
 
     daemon.call(limit_pages(1_000_000))  # space is freed
-    messages = smtp_server.wait_for(100, timeout=60)
-    daemon.wait_for_counts(sent=100, dead=0, queued=0, retry=0)
+    messages = smtp_server.wait_for(103, timeout=60)
+    daemon.wait_for_counts(sent=103, dead=0, queued=0, retry=0)
     scrape_until(port, {AVAILABLE: 1})
     delivered = sorted(m.message["Message-ID"].partition("@")[0].lstrip("<") for m in messages)
     assert delivered == sorted(ids)  # each once
+    daemon.wait_for_log("1 frames without a client id were dropped while the store was unavailable")
     assert daemon.log.count("store unavailable:") == 1
     assert daemon.log.count("store available again after") == 1
     assert "Traceback" not in daemon.log
+
+
+def send_anonymous(daemon: InProcessDaemon) -> None:
+    """A fire-and-forget frame from a plain PUSH socket: no client id, so no receipt."""
+    frame = orjson.dumps(
+        {"v": 1, "template": "welcome", "to": "x@example.com", "context": {"name": "X"}}
+    )
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.setsockopt(zmq.LINGER, 5000)
+        push.connect(daemon.settings.intake.bind)
+        push.send(frame)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Bounded poll."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def test_an_outcome_the_store_cannot_take_waits_and_is_recorded_once(
