@@ -157,21 +157,28 @@ class Intake:
         """Wait for readiness, then drain and store in batches (far faster than awaiting each)."""
         while True:
             await self.pull.poll()  # readable (POLLIN), no timeout
-            batch = self.sort(self.receive())
-            # Until the store takes this batch nothing more is stored or acknowledged: clients
-            # keep, re-send and spill what has no receipt. The socket is not read for a short
-            # outage; in a longer one what arrives is read and dropped, so that the re-sends do
-            # not pile up in ZeroMQ's queue: memory stays bounded however long the store is away.
-            commit = functools.partial(self.commit, batch)
-            await self.observer.store.retry("intake", commit, waiting=self.shed)
-            self.shedding = False
-            if self.shed_anonymous:
-                log.warning(
-                    "%d frames without a client id were dropped while the store was"
-                    " unavailable (such senders get no receipt and cannot send them again)",
-                    self.shed_anonymous,
-                )
-                self.shed_anonymous = 0
+            await self.store_when_possible(self.receive())
+
+    async def store_when_possible(self, frames: list[bytes]) -> None:
+        """Store a batch, trying again for as long as the store is unavailable.
+
+        Until then nothing more is stored or acknowledged: clients keep, re-send and spill what
+        has no receipt. The socket is not read for a short outage; in a longer one what arrives
+        is read and dropped, so that the re-sends do not pile up in ZeroMQ's queue: memory stays
+        bounded however long the store is away.
+        """
+        batch = self.sort(frames)
+        await self.observer.store.retry(
+            "intake", functools.partial(self.commit, batch), waiting=self.shed
+        )
+        self.shedding = False
+        if self.shed_anonymous:
+            log.warning(
+                "%d frames without a client id were dropped while the store was unavailable"
+                " (such senders get no receipt and cannot send them again)",
+                self.shed_anonymous,
+            )
+            self.shed_anonymous = 0
 
     def shed(self) -> None:
         """In an outage past SHED_AFTER seconds, drop what has arrived; only a frame without a
