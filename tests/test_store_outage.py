@@ -123,7 +123,7 @@ def test_an_outcome_the_store_cannot_take_waits_and_is_recorded_once(
     outcome is recorded once the lock is gone."""
     settings = write_settings(tmp_path, smtp_server.port)
     daemon = run_daemon(settings)
-    smtp_server.slow_reply(1.0)  # time to take the lock while the message is on its way
+    smtp_server.slow_reply(3.0)  # time to take the lock while the message is on its way
     dispatcher.configure(settings)
     [request_id] = enqueue(1)
     daemon.wait_for_counts(sending=1)
