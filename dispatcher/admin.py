@@ -55,10 +55,16 @@ def status_table(
     oldest_age: float | None,
     failures: list[dict[str, Any]],
     relays: Sequence[dict[str, Any]] = (),
+    problem: str | None = None,
 ) -> str:
     """`dispatcher status` for people: counts by state, the oldest wait, the relays as the
     daemons last saw them, recent failures."""
     lines = [f"spool {spool}", "", f"{'state':<10}{'requests':>10}"]
+    if problem is not None:  # first: it explains everything below
+        lines[1:1] = [
+            "",
+            f"WARNING: {problem}: the daemon cannot accept requests (clients keep them)",
+        ]
     for state, n in counts.items():
         note = "  (frames refused at intake)" if state == "rejected" else ""
         lines.append(f"{state:<10}{n:>10}{note}")

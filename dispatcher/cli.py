@@ -226,7 +226,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
-        relays = spool.relays()
+        relays, problem = spool.relays(), spool.write_problem()
     age = None if oldest is None else round(time.time() - oldest, 1)
     refused = overflow.refused_count(settings.client.overflow_dir)
     if args.json:
@@ -237,10 +237,11 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
             "relays": relays,
             "spool": str(settings.spool.path),
             "overflow_refused": refused,
+            "write_problem": problem,
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(status_table(str(settings.spool.path), counts, age, failures, relays))
+    print(status_table(str(settings.spool.path), counts, age, failures, relays, problem))
     if refused:
         folder = settings.client.overflow_dir / overflow.REFUSED
         print(

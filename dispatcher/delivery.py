@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from dispatcher.admission import Admission
 from dispatcher.compose import RenderedMessage
+from dispatcher.errors import StoreUnavailable
 from dispatcher.journal import Journal
 from dispatcher.observer import Observer
 from dispatcher.outcome import LOG_LEVELS, Dead, Outcome, Retry, decide, describe, expired, finish
@@ -22,6 +23,7 @@ from dispatcher.relays import Relay, Relays
 from dispatcher.renderpool import Failed, RenderPool
 from dispatcher.settings import Settings
 from dispatcher.spool import Finish, Row, Spool, Start, now
+from dispatcher.storehealth import next_pause
 from dispatcher.transport import Attempt, SmtpConnection
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,13 @@ class Delivery:
         self.spool = spool
         self.renders = renders
         self.observer = observer
-        self.journal = Journal(spool)
+        self.journal = Journal(spool, observer.store)
         # Rows claimed per feed: two per connection, so the next batch renders while the
         # workers send this one.
         self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
         self.held: set[str] = set()  # claimed and not yet concluded or released
+        # Given back while the store could not take it: given back again on the next feed.
+        self.unreleased: list[tuple[list[str], float | None]] = []
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()  # sends waiting for their rate's slot are not to go
         self.relays = Relays(settings, spool, observer, self.wake.set, self.batch)
@@ -64,11 +68,29 @@ class Delivery:
     async def feed(self) -> None:
         """Feed the workers; sleep until the next is due, a worker finishes or intake stores
         more."""
+        await self.recover()
+        pause = None
         while True:
             self.wake.clear()
-            claimed, closed = await self.feed_once()
+            try:
+                self.release_again()
+                claimed, closed = await self.feed_once()
+            except StoreUnavailable as exc:  # nothing was claimed: look again later
+                self.observer.store.failed("claims", exc)
+                pause = next_pause(pause)
+                await asyncio.sleep(pause)
+                continue
+            self.observer.store.succeeded("claims")
+            pause = None
             if not claimed:
                 await self.idle(closed)
+
+    async def recover(self) -> None:
+        """Free what this daemon's earlier life held: first, as nothing may be claimed before;
+        waiting, while the store cannot be written, with intake already serving."""
+        recovered = await self.observer.store.retry("leases", lambda: self.spool.recover(now()))
+        if recovered:
+            log.warning("%d sends were interrupted by a crash; sending again", recovered)
 
     async def feed_once(self) -> tuple[int, float | None]:
         """Claim, admit, render and hand over one batch; returns how many rows were claimed
@@ -97,7 +119,8 @@ class Delivery:
             if relay is None:  # every relay went down while these rendered
                 return
             at = now()
-            self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
+            starts = [Start(row, row.attempts + 1, at) for row in ready]
+            await self.observer.store.retry("claims", lambda: self.journal.start(starts))
             for row in ready:
                 await relay.queue.put(row)
                 waiting.discard(row.id)
@@ -110,7 +133,10 @@ class Delivery:
         A due time already past belongs to a row a worker holds: a worker finishing wakes us,
         so waiting for that is not a busy loop.
         """
-        next_due = closed if closed is not None else self.spool.next_due_at()
+        next_due = closed
+        if next_due is None:
+            with contextlib.suppress(StoreUnavailable):  # a store that is down: look in a second
+                next_due = self.spool.next_due_at()
         current = now()
         timeout = IDLE_WAKE
         if next_due is not None and next_due > current:
@@ -149,11 +175,24 @@ class Delivery:
         return ready
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
-        """Give claimed rows back to the spool unsent."""
-        if request_ids:
+        """Give claimed rows back to the spool unsent (later, if the store cannot take it now:
+        till then they stay claimed by this daemon, and nobody sends them)."""
+        if not request_ids:
+            return
+        self.held.difference_update(request_ids)
+        self.admission.finished(request_ids)
+        try:
             self.spool.release(request_ids, not_before)
-            self.held.difference_update(request_ids)
-            self.admission.finished(request_ids)
+        except StoreUnavailable as exc:
+            self.observer.store.failed("claims", exc)
+            self.unreleased.append((list(request_ids), not_before))
+
+    def release_again(self) -> None:
+        """Give back what could not be given back before; `StoreUnavailable` if still not."""
+        while self.unreleased:
+            request_ids, not_before = self.unreleased[0]
+            self.spool.release(request_ids, not_before)
+            del self.unreleased[0]
 
     # -- the workers -------------------------------------------------------------------
 
@@ -245,7 +284,12 @@ class Delivery:
         every = self.settings.spool.lease / 3
         while True:
             await asyncio.sleep(every)
-            freed = self.spool.renew(now())
+            try:
+                freed = self.spool.renew(now())
+            except StoreUnavailable as exc:  # a lease that lapses meanwhile is taken over by
+                self.observer.store.failed("leases", exc)  # another daemon, as after a crash
+                continue
+            self.observer.store.succeeded("leases")
             if freed:
                 log.warning("%d sends of a daemon that stopped renewing go again", freed)
                 self.wake.set()
@@ -267,3 +311,10 @@ class Delivery:
         for worker in workers:
             worker.cancel()
         self.journal.flush()
+        if self.journal.finishes or self.unreleased:
+            log.error(
+                "the store is unavailable: %d outcomes not recorded and %d claims not given"
+                " back; those requests go again at the next start",
+                len(self.journal.finishes),
+                sum(len(ids) for ids, _ in self.unreleased),
+            )

@@ -3,13 +3,16 @@
 Intake waits for the socket to become readable, then drains it without awaiting per message
 and commits the batch in one transaction; only then are receipts for the batch published, so a
 receipt always means "in the spool". The overflow folder is read into the spool the same way.
+While the store cannot take a batch, intake holds that one batch, reads no more and tries again.
 """
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -17,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from dispatcher import curve, overflow, wire
-from dispatcher.errors import DispatcherError, InvalidRequest, StartupError
+from dispatcher.errors import DispatcherError, InvalidRequest, StartupError, StoreUnavailable
 from dispatcher.observer import Observer
 from dispatcher.settings import Settings
 from dispatcher.spool import Incoming, Spool, now
@@ -30,6 +33,9 @@ RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
 REBIND_PATIENCE = 2.0  # seconds of failed attempts before that is logged as an error
+# Seconds the store may be unavailable before intake sheds what arrives: its clients send it
+# again, into a queue whose high-water mark counts frames, not bytes (50,000 of 20 KB: 1 GB).
+SHED_AFTER = 5.0
 
 
 async def bind_again(socket: zmq.asyncio.Socket, endpoint: str) -> None:
@@ -47,6 +53,15 @@ async def bind_again(socket: zmq.asyncio.Socket, endpoint: str) -> None:
                 log.error("cannot bind %s again yet, still trying: %s", endpoint, exc)
                 complained = True
         await asyncio.sleep(REBIND_RETRY)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Frames sorted for one transaction, and the receipts owed once it has committed."""
+
+    accepted: list[Incoming] = field(default_factory=list)
+    rejected: list[tuple[str, bytes]] = field(default_factory=list)  # (reason, frame)
+    receipts: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
 
 class Intake:
@@ -90,6 +105,8 @@ class Intake:
             self.close()
             raise
         self.drain_socket: zmq.Socket[bytes] = zmq.Socket.shadow(self.pull.underlying)
+        self.shedding = False  # dropping what arrives, in a long outage
+        self.shed_anonymous = 0  # frames without a client id dropped in this outage
         self.overflow_complaint = ""
         # Under CURVE, spill files count only when sealed by an allowed key (`spill_refusal`).
         self.spill_keys = (
@@ -145,47 +162,98 @@ class Intake:
         """Wait for readiness, then drain and store in batches (far faster than awaiting each)."""
         while True:
             await self.pull.poll()  # readable (POLLIN), no timeout
-            self.store_pending()
+            await self.store_when_possible(self.receive())
 
-    def store_pending(self) -> int:
-        """Drain up to BATCH frames without blocking and commit them in one transaction."""
+    async def store_when_possible(self, frames: list[bytes]) -> None:
+        """Store a batch, trying again for as long as the store is unavailable.
+
+        Until then nothing more is stored or acknowledged: clients keep, re-send and spill what
+        has no receipt. The socket is not read for a short outage; in a longer one what arrives
+        is read and dropped, so that the re-sends do not pile up in ZeroMQ's queue: memory stays
+        bounded however long the store is away.
+        """
+        batch = self.sort(frames)
+        await self.observer.store.retry(
+            "intake", functools.partial(self.commit, batch), waiting=self.shed
+        )
+        self.shedding = False
+        if self.shed_anonymous:
+            log.warning(
+                "%d frames without a client id were dropped while the store was unavailable"
+                " (such senders get no receipt and cannot send them again)",
+                self.shed_anonymous,
+            )
+            self.shed_anonymous = 0
+
+    def shed(self) -> None:
+        """In an outage past SHED_AFTER seconds, drop what has arrived; only a frame without a
+        client id (fire-and-forget, at most once) is lost by it, and counted."""
+        if self.observer.store.unavailable_for() < SHED_AFTER:
+            return
+        if not self.shedding:
+            self.shedding = True
+            log.warning("intake drops what arrives until the store is back; clients send it again")
+        for _ in range(RECEIVE_HWM // BATCH + 1):
+            frames = self.receive()
+            self.shed_anonymous += sum(1 for frame in frames if wire.sender_of(frame) is None)
+            if len(frames) < BATCH:
+                return
+
+    def receive(self) -> list[bytes]:
+        """Up to BATCH frames that already arrived, without blocking."""
         frames = []
         for _ in range(BATCH):
             try:
                 frames.append(self.drain_socket.recv(zmq.NOBLOCK, copy=True))
             except zmq.Again:
                 break
-        if frames:
-            self.store(frames)
-        return len(frames)
+        return frames
 
     def drain(self) -> None:
-        """At shutdown: store what already arrived (at most RECEIVE_HWM frames), drop nothing."""
+        """At shutdown: store what already arrived (at most RECEIVE_HWM frames), drop nothing
+        that the store can take."""
         for _ in range(RECEIVE_HWM // BATCH + 1):
-            if self.store_pending() < BATCH:
+            frames = self.receive()
+            try:
+                self.store(frames)
+            except StoreUnavailable as exc:  # not acknowledged: their clients keep them
+                log.error("%d requests not stored: %s", len(frames), exc)
+                return
+            if len(frames) < BATCH:
                 break
 
     def store(self, frames: list[bytes]) -> None:
         """Commit a batch, then acknowledge every frame in it that names its client."""
-        accepted, rejected = [], []
-        receipts: defaultdict[str, list[str]] = defaultdict(list)
+        self.commit(self.sort(frames))
+
+    def sort(self, frames: list[bytes]) -> Batch:
+        """Requests to store and frames to reject, each rejection logged once."""
+        batch = Batch()
         for frame in frames:
             try:
                 incoming = self.accept(frame)
             except InvalidRequest as exc:
-                rejected.append((str(exc), frame))
+                batch.rejected.append((str(exc), frame))
                 log.warning("rejected: %s (frame of %d bytes)", exc, len(frame))
                 sender = wire.sender_of(frame)
                 if sender:  # recorded as rejected: the client must not send it forever
-                    receipts[sender[0]].append(sender[1])
+                    batch.receipts[sender[0]].append(sender[1])
                 continue
-            accepted.append(incoming)
+            batch.accepted.append(incoming)
             if incoming.client:
-                receipts[incoming.client].append(incoming.id)
-        added = set(self.spool.add(accepted, rejected, now()))
-        self.acknowledge(receipts)
-        self.log_received(accepted, added)
-        self.observer.count(received=len(added), rejected=len(rejected))
+                batch.receipts[incoming.client].append(incoming.id)
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Store the batch in one transaction, then publish its receipts; `StoreUnavailable`
+        when the store cannot take it (nothing is then acknowledged)."""
+        if not (batch.accepted or batch.rejected):
+            return
+        added = set(self.spool.add(batch.accepted, batch.rejected, now()))
+        self.observer.store.succeeded("intake")
+        self.acknowledge(batch.receipts)
+        self.log_received(batch.accepted, added)
+        self.observer.count(received=len(added), rejected=len(batch.rejected))
         if added:
             self.stored()
 
@@ -229,7 +297,11 @@ class Intake:
         """Read spill files into the spool, at start and then every OVERFLOW_SCAN seconds."""
         while True:
             for path in self.overflow_files():
-                await self.ingest(path)
+                try:
+                    await self.ingest(path)
+                except StoreUnavailable as exc:  # the file stays, for a later scan
+                    self.observer.store.failed("intake", exc)
+                    break
             await asyncio.sleep(OVERFLOW_SCAN)
 
     def overflow_files(self) -> list[Path]:

@@ -33,7 +33,12 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 
 class Metrics:
     """The daemon's metrics, served over HTTP on loopback once `serve()` is called."""
 
-    def __init__(self, spool: SpoolSettings, open_connections: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        spool: SpoolSettings,
+        open_connections: Callable[[], int],
+        store_available: Callable[[], int],
+    ) -> None:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "dispatcher_messages",
@@ -67,6 +72,11 @@ class Metrics:
             ["relay"],
             registry=self.registry,
         )
+        Gauge(
+            "dispatcher_store_available",
+            "1 while the daemon can write to its spool, 0 while a write fails (a full disk)",
+            registry=self.registry,
+        ).set_function(store_available)
         self.registry.register(SpoolCollector(spool))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -10,9 +10,11 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from dispatcher.errors import StoreUnavailable
 from dispatcher.notify import Notifier
 from dispatcher.settings import Settings
 from dispatcher.spool import Reader
+from dispatcher.storehealth import StoreHealth
 from dispatcher.transport import SmtpConnection
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ class Observer:
         self.settings = settings
         self.spool = spool
         self.counts: Counter[str] = Counter()
+        self.store = StoreHealth()  # told by every writer of the spool
         self.connections: list[SmtpConnection] = []
         self.relays_down: set[str] = set()  # host:port of each relay that is down now
         self.notifier = Notifier()
@@ -33,7 +36,9 @@ class Observer:
         if settings.metrics.bind is not None:
             from dispatcher import metrics  # prometheus-client only when asked for
 
-            self.metrics = metrics.Metrics(settings.spool, self.open_connections)
+            self.metrics = metrics.Metrics(
+                settings.spool, self.open_connections, lambda: int(self.store.available)
+            )
             for relay in settings.smtp.relays:  # every relay's series exists from the start
                 self.metrics.relay_up.labels(relay.name).set(1)
 
@@ -69,8 +74,16 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
+        try:
+            waiting = str(self.spool.waiting())
+        except StoreUnavailable:  # a store that is down cannot say; the line below says why
+            waiting = "?"
         down = "".join(f"; relay {name} down" for name in sorted(self.relays_down))
-        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected{down}"
+        status = f"{waiting} waiting; since start {done}, {rejected} rejected{down}"
+        if self.store.available:
+            return status
+        outage = f"store unavailable for {self.store.unavailable_for():.0f} s: {self.store.reason}"
+        return f"{outage}; {status}"
 
     # -- events ------------------------------------------------------------------------
 

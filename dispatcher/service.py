@@ -1,6 +1,7 @@
 """The daemon: intake and delivery around one spool, as named tasks under one TaskGroup."""
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -9,7 +10,7 @@ import zmq.asyncio
 
 from dispatcher.admission import Admission, policies
 from dispatcher.delivery import SHUTDOWN_GRACE, Delivery
-from dispatcher.errors import StartupError
+from dispatcher.errors import StartupError, StoreUnavailable
 from dispatcher.intake import Intake
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
@@ -44,6 +45,7 @@ class Daemon:
             settings.templates.dir,
             settings.mail.from_,
             settings.templates.render_processes,
+            timeout=settings.templates.render_timeout,
             auto_reload=auto_reload,
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))
@@ -78,9 +80,10 @@ class Daemon:
         keep = self.settings.spool.keep_sent
         while True:
             removed = 0
-            while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
-                removed += n
-                await asyncio.sleep(0)
+            with contextlib.suppress(StoreUnavailable):  # its writers tell; pruned next time
+                while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                    removed += n
+                    await asyncio.sleep(0)
             if removed:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)
@@ -101,9 +104,6 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
-        recovered = self.spool.recover(now())
-        if recovered:
-            log.warning("%d sends were interrupted by a crash; sending again", recovered)
         self.renders.start()
         self.observer.start()  # metrics endpoint, then READY=1: every socket is bound
         relays = self.settings.smtp.relays

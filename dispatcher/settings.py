@@ -79,6 +79,7 @@ class TemplatesSettings:
     dir: Path = Path("templates")
     # Worker processes that render (Jinja, CSS, MIME) beside the event loop; 0 renders on it.
     render_processes: int = 1
+    render_timeout: float = 10.0  # seconds a render may take before its request is dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +396,8 @@ def _checked(settings: Settings) -> Settings:
             limit.connections is not None and limit.connections < 1
         ):
             raise SettingsError(f"limits.domains.{domain}: rate and connections must be positive")
+    if settings.templates.render_timeout <= 0:
+        raise SettingsError("templates.render_timeout: must be a positive number of seconds")
     first, longest = retry.backoff
     if not 0 < first <= longest:
         raise SettingsError(

@@ -122,7 +122,8 @@ class DaemonProcess(RunningDaemon):
     """`python -m dispatcher run` in a subprocess; its log lines are collected as they come.
 
     `command` runs another long-lived command instead (`dev`, `preview --port 0`), ready once
-    a log line contains `ready`.
+    a log line contains `ready`. `own_group`: in a process group of its own, as a terminal or a
+    supervisor starts it, so a test can signal the whole group.
     """
 
     def __init__(
@@ -131,6 +132,8 @@ class DaemonProcess(RunningDaemon):
         command: tuple[str, ...] = ("run",),
         ready: str = "listening on",
         env: dict[str, str] | None = None,
+        *,
+        own_group: bool = False,
     ) -> None:
         super().__init__(settings_path, load_settings(settings_path, environ={}))
         environ = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -143,6 +146,7 @@ class DaemonProcess(RunningDaemon):
             stdout=subprocess.DEVNULL,
             text=True,
             env=environ,
+            process_group=0 if own_group else None,
         )
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_for_log(ready, START_TIMEOUT)
@@ -170,6 +174,7 @@ class DaemonProcess(RunningDaemon):
 
 
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
+T = TypeVar("T")
 
 
 class InProcessDaemon(RunningDaemon):
@@ -253,6 +258,17 @@ class InProcessDaemon(RunningDaemon):
         finally:
             self.daemon.close()
 
+    def call(self, function: Callable[[Daemon], T]) -> T:
+        """Run `function(daemon)` on the daemon's own thread (its spool connection lives there)
+        and return what it returns."""
+        loop, daemon = self._loop, self.daemon
+        assert loop is not None and daemon is not None, "the daemon is not running"
+
+        async def run() -> T:
+            return function(daemon)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(START_TIMEOUT)
+
     def reload(self) -> None:
         """Ask the daemon to re-read its CURVE allowlist, as SIGHUP does (a signal would hit
         pytest); the daemon logs when it is done."""
@@ -316,8 +332,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory: start a daemon on a settings file; every one started is stopped afterwards."""
     started: list[DaemonProcess] = []
 
-    def start(settings_path: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(settings_path, env=env)
+    def start(
+        settings_path: Path, env: dict[str, str] | None = None, *, own_group: bool = False
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(settings_path, env=env, own_group=own_group)
         started.append(daemon)
         return daemon
 

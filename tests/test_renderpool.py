@@ -1,6 +1,7 @@
 """Rendering in worker processes: same messages, no lost request when a worker dies, no orphan."""
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dispatcher
-from tests.daemon import DaemonProcess, write_settings
+from tests.daemon import ROOT, DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -100,3 +101,45 @@ def test_a_worker_still_starting_when_the_daemon_is_killed_ends_too(
     [worker] = children(daemon.process.pid)  # spawned with the daemon, importing still
     daemon.kill()
     wait_until(lambda: not alive(worker))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def slow_templates(folder: Path) -> Path:
+    """The shipped templates plus `slow`, whose render keeps a worker busy for seconds."""
+    templates = folder / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    (templates / "slow").mkdir()
+    (templates / "slow" / "subject.txt").write_text("Slow\n")
+    (templates / "slow" / "body.txt").write_text(
+        "{% for a in range(1000) %}{% for b in range(100000) %}{% if b < 0 %}x{% endif %}"
+        "{% endfor %}{% endfor %}done {{ name }}\n"
+    )
+    return templates
+
+
+def test_a_signal_to_the_whole_process_group_stops_the_daemon_cleanly(
+    tmp_path: Path, smtp_server: SmtpServer, start_daemon: StartDaemon
+) -> None:
+    """A terminal's Ctrl-C or a supervisor's group SIGTERM also reaches the render worker: it
+    must leave on the daemon's word, not die mid-render and make the daemon report an error."""
+    templates = slow_templates(tmp_path)
+    settings = write_settings(tmp_path, smtp_server.port, templates={"dir": str(templates)})
+    daemon = start_daemon(settings, own_group=True)
+    send_one(daemon)  # the worker has started and rendered: from now on its CPU is the render's
+    smtp_server.wait_for(1)
+    [worker] = children(daemon.process.pid)
+    idle = cpu_seconds(worker)
+    dispatcher.enqueue_email("slow", to="grace@example.com", context=ADA)
+    assert dispatcher.flush(10)
+    wait_until(lambda: cpu_seconds(worker) > idle + 0.2)  # rendering the slow one now
+    os.killpg(daemon.process.pid, signal.SIGTERM)
+    daemon.wait_for_log("stopping")
+    assert alive(worker), "the render worker died of the group's signal"
+    assert daemon.process.wait(30) == 0
+    assert "ERROR" not in daemon.log and "Traceback" not in daemon.log, daemon.log
+    assert "stopped:" in daemon.log

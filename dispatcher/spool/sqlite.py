@@ -4,6 +4,8 @@ A request is acknowledged only once the transaction holding it has committed, so
 below are chosen for that promise, not for speed; speed comes from committing whole batches.
 """
 
+import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ from typing import Any, Self
 
 import orjson
 
-from dispatcher.errors import SpoolError, StartupError, UsageError
+from dispatcher.errors import SpoolError, StartupError, StoreUnavailable, UsageError
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
 from dispatcher.spool.records import (
@@ -29,6 +31,10 @@ from dispatcher.wire import PRIORITIES
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
 PURGE_BATCH = 5000  # requests deleted per transaction
 PARAMETERS = 500  # ids bound per statement, under SQLite's limit
+# Primary result codes of a write that may succeed later: BUSY, LOCKED (past the busy timeout),
+# NOMEM, READONLY (a file system remounted read-only), IOERR, FULL, CANTOPEN, PROTOCOL.
+PASSING = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+LOW_SPACE = 1024 * 1024  # free bytes under which `status` warns that the spool's disk is full
 ROW_COLUMNS = (
     "id, template, request, created_at, attempts, envelope_from, recipients, delivered,"
     " refused, data, message_id, priority, next_attempt_at, send_at"
@@ -41,6 +47,7 @@ class SqliteReader:
     db: sqlite3.Connection
 
     def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
+        self.path = path
         if not path.exists():
             raise SpoolError(f"no spool at {path} (has the daemon ever run?)")
         try:
@@ -53,8 +60,9 @@ class SqliteReader:
                 check_same_thread=False,
             )
             (version,) = self.db.execute("pragma user_version").fetchone()
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool.path: cannot read {path}: {exc}") from None
+        except sqlite3.Error as exc:  # a reader creates the -shm file when no daemon has it
+            why = "; ".join(filter(None, [str(exc), self.write_problem()]))
+            raise SpoolError(f"spool.path: cannot read {path}: {why}") from None
         if version > sqlite_schema.VERSION:
             raise SpoolError(f"spool.path: {path} was written by a newer dispatcher")
 
@@ -66,6 +74,17 @@ class SqliteReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def write_problem(self) -> str | None:
+        """A full file system: what makes the daemon's writes fail most often."""
+        try:
+            space = os.statvfs(self.path.parent)
+        except OSError as exc:
+            return f"cannot check the free space beside {self.path}: {exc.strerror}"
+        free = space.f_bavail * space.f_frsize
+        if free >= LOW_SPACE:
+            return None
+        return f"the file system holding {self.path} is full ({free // 1024} KiB free)"
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((*STATES, "rejected"), 0)
@@ -157,6 +176,7 @@ class SqliteSpool(SqliteReader):
     """The daemon's connection to the spool file; used from one thread (its event loop)."""
 
     def __init__(self, path: Path, owner: str, *, lease: float = 60.0, timeout: float = 5.0):
+        self.path = path
         self.owner = owner
         self.lease = lease
         try:
@@ -172,7 +192,7 @@ class SqliteSpool(SqliteReader):
             self.db.execute("pragma foreign_keys=on")
             with self.transaction() as db:
                 sqlite_schema.migrate(db)
-        except (OSError, sqlite3.Error, ValueError) as exc:
+        except (OSError, sqlite3.Error, ValueError, StoreUnavailable) as exc:
             raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
 
     @contextmanager
@@ -182,17 +202,33 @@ class SqliteSpool(SqliteReader):
         `durable=False` skips the fsync (synchronous=NORMAL): still safe against a crash of
         the process, and a power loss can only undo delivery bookkeeping, which at worst
         sends a message again. Accepting a request is always durable.
+
+        A failure that may pass (a full disk, a lock held past the timeout) is raised as
+        `StoreUnavailable`, with nothing of the transaction kept.
         """
-        if durable != self.durable:
-            self.db.execute(f"pragma synchronous={'full' if durable else 'normal'}")
-            self.durable = durable
-        self.db.execute("begin immediate")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("rollback")
+            if durable != self.durable:
+                self.db.execute(f"pragma synchronous={'full' if durable else 'normal'}")
+                self.durable = durable
+            self.db.execute("begin immediate")
+            try:
+                yield self.db
+                self.db.execute("commit")
+            except BaseException:
+                self._roll_back()
+                raise
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)  # None: not an error of SQLite's
+            if code is not None and code & 0xFF in PASSING:
+                raise StoreUnavailable(f"spool {self.path}: {exc}") from exc
             raise
-        self.db.execute("commit")
+
+    def _roll_back(self) -> None:
+        """Undo what is left of a transaction: a failed COMMIT may have ended it already (SQLite
+        then has nothing to roll back), and a rollback that fails leaves nothing to do more."""
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("rollback")
 
     # -- intake ------------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ def migrate(db: sqlite3.Connection) -> int:
     else:
         for step in MIGRATIONS[found:]:
             step(db)
-    db.execute(f"pragma user_version = {VERSION}")
+    if found != VERSION:  # an up-to-date spool is not written: a daemon starts on a full disk
+        db.execute(f"pragma user_version = {VERSION}")
     return int(found)
 
 
