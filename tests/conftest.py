@@ -2,5 +2,6 @@
 and `dispatcher dev`, each in a process of its own or in this one."""
 
 from tests.daemon import fresh_client, run_daemon, start_daemon  # noqa: F401  (fixtures)
+from tests.disks import small_disk  # noqa: F401  (fixture)
 from tests.smtp_server import smtp_server  # noqa: F401  (fixture)
 from tests.ui import preview, run_dev, start_ui  # noqa: F401  (fixtures)

@@ -2,12 +2,10 @@
 are kept aside; a client's flush() is False whenever a request is neither acknowledged nor kept
 on disk, and a folder that cannot be written is refused at boot."""
 
-import errno
 import logging
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -21,6 +19,7 @@ from dispatcher.curve import keygen, spill_seal
 from dispatcher.errors import SettingsError
 from dispatcher.settings import Settings, load_settings
 from tests.daemon import InProcessDaemon, run_cli, write_settings
+from tests.disks import SmallDisk, fill
 from tests.smtp_server import SmtpServer
 from tests.test_curve import CONTEXT, curve_daemon_settings
 
@@ -227,47 +226,20 @@ def test_flush_is_false_while_the_overflow_dir_cannot_be_written(
     assert "lost at exit" not in caplog.text
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs of its own, for a real ENOSPC; needs mount(2), as root (CI runs so)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)]
-    mounted = subprocess.run(command, capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file in `folder` until its file system has no space left; returns the file."""
-    filler = folder / "filler"
-    with filler.open("wb", buffering=0) as out:
-        for _ in range(10_000):  # bounded: 40 MB, far more than the disk
-            try:
-                out.write(b"x" * 4096)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                return filler
-    raise AssertionError(f"{folder} never filled up")
-
-
 def test_a_full_overflow_disk_keeps_requests_in_memory_until_a_daemon_takes_them(
     tmp_path: Path,
-    small_disk: Path,
+    small_disk: SmallDisk,
     smtp_server: SmtpServer,
     run_daemon: RunDaemon,
     caplog: pytest.LogCaptureFixture,
     fresh_client: None,
 ) -> None:
     caplog.set_level(logging.WARNING, "dispatcher")
-    folder = small_disk / "overflow"
+    disk = small_disk(64 * 1024)
+    folder = disk / "overflow"
     settings = write_settings(tmp_path, smtp_server.port, client={"ack_timeout": 0.1})
     dispatcher.configure(settings, client={"overflow_dir": str(folder)})
-    fill(small_disk)
+    fill(disk)
     ids = [dispatcher.enqueue_email("welcome", **OPTIONS) for _ in range(3)]
     assert dispatcher.flush(0.5) is False
     assert dispatcher.flush(0.5) is False
@@ -283,11 +255,12 @@ def test_a_full_overflow_disk_keeps_requests_in_memory_until_a_daemon_takes_them
 
 
 def test_send_exits_1_when_the_request_can_be_kept_nowhere(
-    tmp_path: Path, small_disk: Path
+    tmp_path: Path, small_disk: SmallDisk
 ) -> None:
-    folder = small_disk / "overflow"
+    disk = small_disk(64 * 1024)
+    folder = disk / "overflow"
     folder.mkdir()
-    fill(small_disk)
+    fill(disk)
     section = {"overflow_dir": str(folder), "ack_timeout": 0.1, "exit_wait": 0.1}
     settings = write_settings(tmp_path, 1025, client=section)  # no daemon
     result = run_cli("send", "welcome", "--to", "a@example.com", settings=settings)

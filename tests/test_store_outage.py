@@ -2,12 +2,9 @@
 intake stops acknowledging, every write is tried again, and once the store is back everything
 is delivered, once."""
 
-import contextlib
-import os
 import sqlite3
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -20,11 +17,11 @@ from dispatcher import overflow
 from dispatcher.service import Daemon
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from tests.daemon import InProcessDaemon, run_cli, write_settings
+from tests.disks import SmallDisk, fill
 from tests.smtp_server import SmtpServer, free_port
 from tests.test_metrics import scrape_until
 
 RunDaemon = Callable[..., InProcessDaemon]
-SmallDisk = Callable[[int], Path]
 PADDING = "x" * 20_000  # a 20 KB request: each needs new pages in the spool
 AVAILABLE = ("dispatcher_store_available", ())
 
@@ -147,36 +144,6 @@ def test_an_outcome_the_store_cannot_take_waits_and_is_recorded_once(
     assert len(smtp_server.messages) == 1
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """Factory: a fresh file system of `size` bytes (tmpfs), unmounted after the test; skips
-    the test where this process may not mount one (not root)."""
-    mounted: list[Path] = []
-
-    def mount(size: int) -> Path:
-        folder = tmp_path / f"disk{len(mounted)}"
-        folder.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
-        if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode:
-            pytest.skip("needs a small file system: run as root to mount a tmpfs")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the file system is full; returns it (delete it to free the space)."""
-    filler = folder / "filler"
-    with filler.open("wb") as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
-    return filler
-
-
 def test_a_full_file_system_under_the_spool_is_waited_out_and_shown_by_status(
     tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon, small_disk: SmallDisk
 ) -> None:
@@ -236,20 +203,6 @@ def test_a_full_overflow_disk_loses_nothing_on_the_client(
     while set(ids) - spilled_ids(overflow_dir):
         assert time.monotonic() < deadline, f"not spilled: {set(ids) - spilled_ids(overflow_dir)}"
         time.sleep(0.05)
-
-
-@pytest.mark.xfail(reason="flush() truthfulness is issue 19 part 3, on the overflow branch")
-def test_flush_says_false_while_the_overflow_disk_is_full(
-    tmp_path: Path, small_disk: SmallDisk
-) -> None:
-    disk = small_disk(1024 * 1024)
-    settings = write_settings(
-        tmp_path, 1025, client={"ack_timeout": 0.5, "overflow_dir": str(disk / "overflow")}
-    )
-    fill(disk)
-    dispatcher.configure(settings)
-    enqueue(1)
-    assert dispatcher.flush(1) is False
 
 
 def spilled_ids(folder: Path) -> set[str]:
