@@ -6,7 +6,6 @@ receipt always means "in the spool". The overflow folder is read into the spool 
 """
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import zmq.asyncio
 from dispatcher import curve, overflow, wire
 from dispatcher.errors import DispatcherError, InvalidRequest, StartupError
 from dispatcher.observer import Observer
+from dispatcher.receipts import Receipts
 from dispatcher.settings import Settings
 from dispatcher.spool import Incoming, Spool, now
 
@@ -81,9 +81,10 @@ class Intake:
         # A deep receive queue absorbs bursts instead of pushing back on clients, whose sends
         # would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self.receipts = context.socket(zmq.PUB)
+        self.receipts = context.socket(zmq.XPUB)  # it tells us who subscribed (receipts.py)
         self.receipts.setsockopt(zmq.LINGER, 200)
         self.receipts.setsockopt(zmq.SNDHWM, RECEIPT_HWM)
+        self.publisher = Receipts(self.receipts, BATCH)
         try:
             self.bind(context)
         except DispatcherError:  # an address in use, or a key or allowlist that cannot be read
@@ -211,12 +212,9 @@ class Intake:
             log.info("received %d requests", len(added))
 
     def acknowledge(self, receipts: dict[str, list[str]]) -> None:
-        """Publish `"<client> <id> <id> ..."` per client; never blocks (PUB drops instead)."""
+        """Publish `"<client> <id> <id> ..."` per client; never blocks (held or dropped)."""
         for client, ids in receipts.items():
-            for start in range(0, len(ids), BATCH):
-                frame = " ".join([client, *ids[start : start + BATCH]]).encode()
-                with contextlib.suppress(zmq.Again):
-                    self.receipts.send(frame, zmq.NOBLOCK)
+            self.publisher.publish(client, ids)
 
     # -- the overflow folder -----------------------------------------------------------
 
