@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: one fsync for many requests
+FIRST_BATCH = 32  # frames in the first transaction of a burst (see `serve`)
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
@@ -138,15 +139,25 @@ class Intake:
         self.receipts.close()
 
     async def serve(self) -> None:
-        """Wait for readiness, then drain and store in batches (far faster than awaiting each)."""
+        """Wait for readiness, then drain and store in batches (far faster than awaiting each).
+
+        A burst starts with a small batch, and each full one doubles the next up to BATCH:
+        the first requests are committed, and on their way to the relay, while the rest is
+        still arriving; a flood still gets one fsync per BATCH frames.
+        """
+        batch = FIRST_BATCH
         while True:
             await self.pull.poll()  # readable (POLLIN), no timeout
-            self.store_pending()
+            # Delivery first: the workers and the feeder this loop turn woke (a render back, a
+            # reply from the relay) run before the loop is held for a whole batch.
+            await asyncio.sleep(0)
+            full = self.store_pending(batch) == batch
+            batch = min(2 * batch, BATCH) if full else FIRST_BATCH
 
-    def store_pending(self) -> int:
-        """Drain up to BATCH frames without blocking and commit them in one transaction."""
+    def store_pending(self, batch: int = BATCH) -> int:
+        """Drain up to `batch` frames without blocking and commit them in one transaction."""
         frames = []
-        for _ in range(BATCH):
+        for _ in range(batch):
             try:
                 frames.append(self.drain_socket.recv(zmq.NOBLOCK, copy=True))
             except zmq.Again:

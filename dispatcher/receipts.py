@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 HOLD = 10.0  # seconds a receipt waits for its client to subscribe: past its re-send by then
-HOLD_IDS = 100_000  # ids held per client at most, as many as a subscriber's queue
+HOLD_IDS = 10_000  # ids held per client: ~100 ms of a flood; ~1 MB for one that never listens
 SWEEP = 1.0  # seconds between looks for held receipts past HOLD
 
 
