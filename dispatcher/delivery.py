@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # sees a request that another process (`dispatcher retry`) made due. A cheap indexed query.
 IDLE_WAKE = 1.0
 FEED_BATCH = 32  # at least this many rows per feed: one render round trip and one commit each
+FIRST_RENDER = 2  # rows rendered ahead of the rest when the workers are idle (`hand_over`)
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
 
 
@@ -83,18 +84,25 @@ class Delivery:
         return len(rows), None
 
     async def hand_over(self, rows: list[Row]) -> None:
-        """Render, record the starts of the batch in one transaction, queue for the workers.
+        """Render, record the starts in one transaction, queue for the workers.
 
+        With nothing else in flight (a burst begins) the first FIRST_RENDER rows go ahead on
+        their own: a worker sends the first mail while the rest of the batch still renders.
         Cancelled (at shutdown), the rows not yet with a worker wait in the spool as before.
         """
         waiting = {row.id for row in rows}
+        idle = len(self.held) <= len(rows)
+        parts = (
+            [rows[:FIRST_RENDER], rows[FIRST_RENDER:]] if idle and rows[FIRST_RENDER:] else [rows]
+        )
         try:
-            ready = await self.render(rows)
-            at = now()
-            self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
-            for row in ready:
-                await self.queue.put(row)
-                waiting.discard(row.id)
+            for part in parts:
+                ready = await self.render(part)
+                at = now()
+                self.journal.start([Start(row, row.attempts + 1, at) for row in ready])
+                for row in ready:
+                    await self.queue.put(row)
+                    waiting.discard(row.id)
         except BaseException:
             self.release(list(waiting & self.held))
             raise
