@@ -141,18 +141,20 @@ class Intake:
     async def serve(self) -> None:
         """Wait for readiness, then drain and store in batches (far faster than awaiting each).
 
-        A burst starts with a small batch, and each full one doubles the next up to BATCH:
-        the first requests are committed, and on their way to the relay, while the rest is
-        still arriving; a flood still gets one fsync per BATCH frames.
+        A burst (frames after an idle socket) starts with a small batch, and each batch
+        doubles the next up to BATCH: the first requests are committed, and on their way to
+        the relay, while the rest is still arriving; a flood still gets one fsync for BATCH.
         """
         batch = FIRST_BATCH
         while True:
-            await self.pull.poll()  # readable (POLLIN), no timeout
+            if not self.drain_socket.poll(0, zmq.POLLIN):
+                batch = FIRST_BATCH
+                await self.pull.poll()  # readable (POLLIN), no timeout
             # Delivery first: the workers and the feeder this loop turn woke (a render back, a
             # reply from the relay) run before the loop is held for a whole batch.
             await asyncio.sleep(0)
-            full = self.store_pending(batch) == batch
-            batch = min(2 * batch, BATCH) if full else FIRST_BATCH
+            self.store_pending(batch)
+            batch = min(2 * batch, BATCH)
 
     def store_pending(self, batch: int = BATCH) -> int:
         """Drain up to `batch` frames without blocking and commit them in one transaction."""
