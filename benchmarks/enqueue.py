@@ -6,7 +6,9 @@ Run from the repository root, in the project's venv (with the test extra install
 
 The floor is a raw PUSH `send(orjson.dumps(request), NOBLOCK)` of the same request dict, on a
 socket with the client's options, to the same daemon, in the same run. `enqueue_email()` runs
-with receipts on: its keeper thread takes the daemon's receipts while the caller is timed.
+with receipts on: its keeper thread takes the daemon's receipts while the caller is timed. The
+timed calls go to a `dispatcher.Client` of the same settings (the module function adds one
+lookup), whose public `resent` count is reported.
 
 The daemon only stores: its SMTP server accepts connections and never greets, so its workers
 wait on their first message and delivery takes no CPU from the caller. It logs at WARNING to a
@@ -40,6 +42,7 @@ from tests.daemon import write_settings  # noqa: E402
 
 TARGET_RATIO = 3.0  # enqueue p50 within this factor of the floor's p50
 TARGET_P99_US = 30.0
+TARGET_TAIL_RATIO = 3.0  # enqueue p99.9 within this factor of the floor's p99.9
 
 
 def main() -> None:
@@ -82,12 +85,15 @@ def run(settings_path: Path, calls: int, log_path: Path) -> None:
     stored += calls - refused
     wait_stored(settings.spool.path, stored)
     intake = (calls - refused) / (time.perf_counter() - started)
-    samples = time_enqueue(calls)
-    keeper = client._state.get()  # the default client, to read how many it re-sent
-    acknowledged = dispatcher.flush(60.0)
-    resent = keeper.resent
+    with dispatcher.Client(settings) as app:  # the module function's client, made public
+        app.enqueue_email("welcome", to="warm-up@example.com", context=CONTEXT)
+        if not app.flush(30.0):
+            raise SystemExit("the daemon did not acknowledge the timed client's first request")
+        samples = time_enqueue(app.enqueue_email, calls)
+        acknowledged = app.flush(60.0)
+        resent = app.resent
     spilled = len(overflow_ids(settings.client.overflow_dir))
-    stored += calls
+    stored += calls + 1
     wait_stored(settings.spool.path, stored)
     client.close()
     report(calls, floor, refused, samples, acknowledged, resent, spilled)
@@ -122,8 +128,7 @@ def time_floor(endpoint: str, calls: int) -> tuple[list[int], int]:
         return samples, full
 
 
-def time_enqueue(calls: int) -> list[int]:
-    enqueue: Callable[..., str] = dispatcher.enqueue_email
+def time_enqueue(enqueue: Callable[..., str], calls: int) -> list[int]:
     clock = time.perf_counter_ns
     samples = []
     for i in range(calls):
@@ -134,11 +139,11 @@ def time_enqueue(calls: int) -> list[int]:
     return samples
 
 
-def stats(samples_ns: list[int]) -> tuple[float, float, float]:
-    """p50, p99 and max in µs."""
+def stats(samples_ns: list[int]) -> list[float]:
+    """p50, p99, p99.9 and max in µs."""
     ordered = sorted(samples_ns)
     n = len(ordered)
-    return ordered[n // 2] / 1000, ordered[int(n * 0.99)] / 1000, ordered[-1] / 1000
+    return [ordered[min(n - 1, int(n * q))] / 1000 for q in (0.5, 0.99, 0.999, 1.0)]
 
 
 def report(
@@ -150,15 +155,22 @@ def report(
     resent: int,
     spilled: int,
 ) -> None:
-    (f50, f99, fmax), (e50, e99, emax) = stats(floor), stats(samples)
-    print(f"\n{calls:,} calls, time in the caller           p50        p99        max")
-    print(f"  floor: raw PUSH of orjson.dumps(request) {f50:7.1f} µs {f99:7.1f} µs {fmax:8.1f} µs")
-    print(f"  enqueue_email(), receipts on            {e50:7.1f} µs {e99:7.1f} µs {emax:8.1f} µs")
-    ratio = e50 / f50
-    verdict = "met" if ratio <= TARGET_RATIO and e99 < TARGET_P99_US else "MISSED"
+    (f50, f99, f999, fmax), (e50, e99, e999, emax) = stats(floor), stats(samples)
+    print(f"\n{calls:,} calls, time in the caller          p50       p99     p99.9        max")
+    print(
+        f"  floor: raw PUSH of orjson.dumps(request) {f50:5.1f} µs {f99:6.1f} µs {f999:6.1f} µs"
+        f" {fmax:7.0f} µs"
+    )
+    print(
+        f"  enqueue_email(), receipts on            {e50:5.1f} µs {e99:6.1f} µs {e999:6.1f} µs"
+        f" {emax:7.0f} µs"
+    )
+    ratio, tail = e50 / f50, e999 / f999
+    met = ratio <= TARGET_RATIO and e99 < TARGET_P99_US and tail <= TARGET_TAIL_RATIO
     print(
         f"  p50 / floor p50 = {ratio:.1f}x (target <= {TARGET_RATIO:g}x), "
-        f"p99 {e99:.1f} µs (target < {TARGET_P99_US:g} µs): {verdict}"
+        f"p99 {e99:.1f} µs (target < {TARGET_P99_US:g} µs), p99.9 / floor p99.9 = {tail:.1f}x"
+        f" (target <= {TARGET_TAIL_RATIO:g}x): {'met' if met else 'MISSED'}"
     )
     print(f"  floor sends refused with the queues full (zmq.Again): {refused}")
     print(

@@ -8,8 +8,8 @@ requests get `client.exit_wait` seconds for their receipts and the rest are spil
 """
 
 import atexit
-import multiprocessing.util
 import os
+import sys
 import threading
 import weakref
 from types import TracebackType
@@ -98,6 +98,7 @@ class Client:
     def _start(self) -> Handoff:
         with self._lock:
             if self._handoff is None:
+                _close_at_multiprocessing_exit()
                 self._handoff = Handoff(self.settings)
             return self._handoff
 
@@ -114,11 +115,12 @@ class _Default:
         self.lock = threading.Lock()
         self.client: Client | None = None
         self.settings: Settings | None = None  # None: found and loaded on first use
+        self.finalized_in: int | None = None  # the pid whose multiprocessing exit closes us
 
     def get(self) -> Client:
         with self.lock:
             if self.client is None:
-                self.client = Client(self.settings or load_settings())
+                self.client = Client(self.settings or load_settings(client_only=True))
             return self.client
 
     def forget(self) -> None:
@@ -144,11 +146,22 @@ def _close_all() -> None:
         client.close()
 
 
+def _close_at_multiprocessing_exit() -> None:
+    """A multiprocessing child ends with os._exit(), which skips atexit but runs the
+    finalizers registered in that child (its start clears the parent's). Registered when a
+    process first hands over, and only where multiprocessing is loaded, as it is in each of
+    its children: importing it costs `import dispatcher` ~7 ms."""
+    if _state.finalized_in == os.getpid() or "multiprocessing" not in sys.modules:
+        return
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=0)
+    _state.finalized_in = os.getpid()
+
+
 _state = _Default()
 os.register_at_fork(after_in_child=_forget_in_child)
 atexit.register(_close_all)
-# A multiprocessing child ends with os._exit(), which skips atexit but runs these finalizers.
-multiprocessing.util.Finalize(None, _close_all, exitpriority=0)
 
 
 def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
@@ -160,7 +173,7 @@ def configure(settings_path: str | os.PathLike[str] | None = None, **overrides: 
     Raises `SettingsError` (a `ValueError`) for a missing file, a bad key, or a
     `client.overflow_dir` that cannot be created or written.
     """
-    settings = load_settings(settings_path, overrides)
+    settings = load_settings(settings_path, overrides, client_only=True)
     check_overflow_dir(settings)
     _state.close()
     _state.settings = settings

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 
 from dispatcher.admission import Admission
 from dispatcher.compose import RenderedMessage
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 # sees a request that another process (`dispatcher retry`) made due. A cheap indexed query.
 IDLE_WAKE = 1.0
 FEED_BATCH = 32  # at least this many rows per feed: one render round trip and one commit each
+FIRST_RENDER = 2  # rows rendered ahead of the rest when the workers are idle (`hand_over`)
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
 
 
@@ -108,22 +110,29 @@ class Delivery:
         return len(rows), None
 
     async def hand_over(self, rows: list[Row]) -> None:
-        """Render, record the starts of the batch in one transaction, queue for the workers.
+        """Render, record the starts in one transaction, queue for the workers.
 
+        With nothing else in flight (a burst begins) the first FIRST_RENDER rows go ahead on
+        their own: a worker sends the first mail while the rest of the batch still renders.
         Cancelled (at shutdown), the rows not yet with a worker wait in the spool as before.
         """
         waiting = {row.id for row in rows}
+        idle = len(self.held) <= len(rows)
+        parts = (
+            [rows[:FIRST_RENDER], rows[FIRST_RENDER:]] if idle and rows[FIRST_RENDER:] else [rows]
+        )
         try:
-            ready = await self.render(rows)
-            relay = self.relays.active()
-            if relay is None:  # every relay went down while these rendered
-                return
-            at = now()
-            starts = [Start(row, row.attempts + 1, at) for row in ready]
-            await self.observer.store.retry("claims", lambda: self.journal.start(starts))
-            for row in ready:
-                await relay.queue.put(row)
-                waiting.discard(row.id)
+            for part in parts:
+                ready = await self.render(part)
+                relay = self.relays.active()
+                if relay is None:  # every relay went down while these rendered
+                    return
+                at = now()
+                starts = [Start(row, row.attempts + 1, at) for row in ready]
+                await self.observer.store.retry("claims", partial(self.journal.start, starts))
+                for row in ready:
+                    await relay.queue.put(row)
+                    waiting.discard(row.id)
         finally:
             self.release(list(waiting & self.held))
 

@@ -7,7 +7,6 @@ While the store cannot take a batch, intake holds that one batch, reads no more 
 """
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections import defaultdict
@@ -22,6 +21,7 @@ import zmq.asyncio
 from dispatcher import curve, overflow, wire
 from dispatcher.errors import DispatcherError, InvalidRequest, StartupError, StoreUnavailable
 from dispatcher.observer import Observer
+from dispatcher.receipts import Receipts
 from dispatcher.settings import Settings
 from dispatcher.spool import Incoming, Spool, now
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: one fsync for many requests
+FIRST_BATCH = 32  # frames in the first transaction of a burst (see `serve`)
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
@@ -96,9 +97,10 @@ class Intake:
         # A deep receive queue absorbs bursts instead of pushing back on clients, whose sends
         # would then fail with "no daemon reachable".
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self.receipts = context.socket(zmq.PUB)
+        self.receipts = context.socket(zmq.XPUB)  # it tells us who subscribed (receipts.py)
         self.receipts.setsockopt(zmq.LINGER, 200)
         self.receipts.setsockopt(zmq.SNDHWM, RECEIPT_HWM)
+        self.publisher = Receipts(self.receipts, BATCH)
         try:
             self.bind(context)
         except DispatcherError:  # an address in use, or a key or allowlist that cannot be read
@@ -159,10 +161,22 @@ class Intake:
         self.receipts.close()
 
     async def serve(self) -> None:
-        """Wait for readiness, then drain and store in batches (far faster than awaiting each)."""
+        """Wait for readiness, then drain and store in batches (far faster than awaiting each).
+
+        A burst (frames after an idle socket) starts with a small batch, and each batch
+        doubles the next up to BATCH: the first requests are committed, and on their way to
+        the relay, while the rest is still arriving; a flood still gets one fsync for BATCH.
+        """
+        batch = FIRST_BATCH
         while True:
-            await self.pull.poll()  # readable (POLLIN), no timeout
-            await self.store_when_possible(self.receive())
+            if not self.drain_socket.poll(0, zmq.POLLIN):
+                batch = FIRST_BATCH
+                await self.pull.poll()  # readable (POLLIN), no timeout
+            # Delivery first: the workers and the feeder this loop turn woke (a render back, a
+            # reply from the relay) run before the loop is held for a whole batch.
+            await asyncio.sleep(0)
+            await self.store_when_possible(self.receive(batch))
+            batch = min(2 * batch, BATCH)
 
     async def store_when_possible(self, frames: list[bytes]) -> None:
         """Store a batch, trying again for as long as the store is unavailable.
@@ -199,10 +213,10 @@ class Intake:
             if len(frames) < BATCH:
                 return
 
-    def receive(self) -> list[bytes]:
-        """Up to BATCH frames that already arrived, without blocking."""
+    def receive(self, batch: int = BATCH) -> list[bytes]:
+        """Up to `batch` frames that already arrived, without blocking."""
         frames = []
-        for _ in range(BATCH):
+        for _ in range(batch):
             try:
                 frames.append(self.drain_socket.recv(zmq.NOBLOCK, copy=True))
             except zmq.Again:
@@ -284,12 +298,9 @@ class Intake:
             log.info("received %d requests", len(added))
 
     def acknowledge(self, receipts: dict[str, list[str]]) -> None:
-        """Publish `"<client> <id> <id> ..."` per client; never blocks (PUB drops instead)."""
+        """Publish `"<client> <id> <id> ..."` per client; never blocks (held or dropped)."""
         for client, ids in receipts.items():
-            for start in range(0, len(ids), BATCH):
-                frame = " ".join([client, *ids[start : start + BATCH]]).encode()
-                with contextlib.suppress(zmq.Again):
-                    self.receipts.send(frame, zmq.NOBLOCK)
+            self.publisher.publish(client, ids)
 
     # -- the overflow folder -----------------------------------------------------------
 

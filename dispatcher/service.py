@@ -120,6 +120,7 @@ class Daemon:
             feeder = group.create_task(delivery.feed(), name="feeder")
             chores = [
                 group.create_task(self.intake.ingest_overflow(), name="overflow"),
+                group.create_task(self.intake.publisher.serve(), name="subscriptions"),
                 group.create_task(self.prune(), name="prune"),
                 group.create_task(delivery.keep_claims(), name="claims"),
                 group.create_task(self.reloads(), name="reloads"),

@@ -214,8 +214,14 @@ def load_settings(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    client_only: bool = False,
 ) -> Settings:
-    """Find, read, merge and validate the settings; every problem is a `SettingsError`."""
+    """Find, read, merge and validate the settings; every problem is a `SettingsError`.
+
+    `client_only` is for an app's process: what only the daemon reads (`mail.from`, checked
+    with email-validator, which costs a first request ~20 ms to import) is left to the daemon.
+    """
     environ = os.environ if environ is None else environ
     source = _find(path, environ)
     raw = _read(source) if source else {}
@@ -227,7 +233,8 @@ def load_settings(
             _merge(raw, dotted, _env_value(name, text))
     base = source.parent if source else Path.cwd()
     settings = _build(Settings, raw, "", base)
-    return _checked(replace(settings, source=source))
+    checked = _checked(replace(settings, source=source))
+    return checked if client_only else _daemon_checked(checked)
 
 
 def _find(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
@@ -407,6 +414,11 @@ def _checked(settings: Settings) -> Settings:
     if retry.attempts < 1 or retry.max_age <= 0:
         raise SettingsError("retry.attempts and retry.max_age: must be positive")
     settings.metrics.address()  # raises for an address that is not loopback
+    return settings
+
+
+def _daemon_checked(settings: Settings) -> Settings:
+    """Rules for what only the daemon and the commands read, costly to check in an app."""
     from dispatcher.address import parse_address  # lazy: email-validator is slow to import
     from dispatcher.errors import InvalidRequest
 

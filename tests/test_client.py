@@ -214,14 +214,51 @@ def test_spilled_requests_are_handed_over_once_a_daemon_answers(
     assert not path.exists()
 
 
-def test_import_stays_light() -> None:
-    code = (
-        "import sys, dispatcher; "
-        "print(sorted(m for m in ('jinja2', 'aiosmtplib', 'sqlite3', 'email_validator') "
-        "if m in sys.modules))"
+def test_import_and_first_call_stay_light(tmp_path: Path) -> None:
+    """An app imports at boot and enqueues in a request: neither loads what only the daemon
+    needs (email-validator checks `mail.from`, which the client never reads)."""
+    (tmp_path / "settings.yaml").write_text(
+        f"client:\n  connect: [tcp://127.0.0.1:9]\n  overflow_dir: {tmp_path / 'overflow'}\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    heavy = ("jinja2", "aiosmtplib", "sqlite3", "email_validator", "multiprocessing", "secrets")
+    code = (
+        f"import os, sys, dispatcher; heavy = {heavy!r}; "
+        "print(sorted(m for m in heavy if m in sys.modules)); "
+        "dispatcher.enqueue_email('welcome', to='a@example.com'); "
+        "print(sorted(m for m in heavy if m in sys.modules)); os._exit(0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"]
+
+
+def test_a_multiprocessing_child_keeps_its_requests_at_exit(tmp_path: Path) -> None:
+    """Its process ends with os._exit(), past atexit: what no daemon took is spilled anyway."""
+    folder = tmp_path / "overflow"
+    code = f"""
+import multiprocessing, sys, dispatcher
+def child():
+    dispatcher.configure(None, client={{"connect": ["tcp://127.0.0.1:9"], "exit_wait": 0,
+                                        "overflow_dir": {str(folder)!r}}})
+    print(dispatcher.enqueue_email("welcome", to="a@example.com"), flush=True)
+if __name__ == "__main__":
+    process = multiprocessing.get_context(sys.argv[1]).Process(target=child)
+    process.start()
+    process.join(20)
+    sys.exit(process.exitcode)
+"""
+    script = tmp_path / "app.py"  # spawn imports the child's function from a file
+    script.write_text(code)
+    for method in ("fork", "spawn"):
+        done = subprocess.run(
+            [sys.executable, str(script), method],
+            timeout=30,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert done.stdout.strip() in spilled_ids(folder), method
 
 
 @pytest.mark.parametrize("kind", ["default client", "Client object"])

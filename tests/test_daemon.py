@@ -2,6 +2,7 @@
 
 The daemon runs in this process unless the process is what a test is about (SIGTERM, kill -9)."""
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ import pytest
 import zmq
 
 import dispatcher
+from dispatcher import intake, wire
 from dispatcher.spool.sqlite import SqliteReader
 from tests.daemon import DaemonProcess, InProcessDaemon, RunningDaemon, write_settings
 from tests.smtp_server import SmtpServer, free_port
@@ -244,3 +246,27 @@ def test_a_greylisted_recipient_is_retried_alone_with_the_same_message(
     assert (first.rcpt_tos, second.rcpt_tos) == (("ok@example.com",), ("grey@example.com",))
     assert first.data == second.data
     assert daemon.stop() == 0
+
+
+def test_a_burst_is_stored_in_batches_that_start_small_and_grow(
+    tmp_path: Path, run_daemon: RunDaemon
+) -> None:
+    """The first requests of a burst are committed (and go on to delivery) while the rest is
+    still being stored; a flood still gets large batches, one fsync for many requests."""
+    settings_path = write_settings(tmp_path, free_port())  # no relay: nothing is sent
+    endpoint = f"ipc://{tmp_path.resolve()}/intake"
+    options: wire.EmailOptions = {"to": "a@example.com", "context": ADA}
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.linger, push.sndhwm = 5000, 10_000
+        push.connect(endpoint)  # queued here until the daemon binds: one burst, all waiting
+        for i in range(3000):
+            push.send(wire.encode(wire.request_fields("welcome", options, id=f"b{i}")))
+        daemon = run_daemon(settings_path)
+        deadline = time.monotonic() + 60
+        while sum(daemon.counts().values()) < 3000:
+            assert time.monotonic() < deadline, daemon.counts()
+            time.sleep(0.05)
+    received = [line.split(" received ")[1] for line in daemon.lines if " received " in line]
+    batches = [int(text.split()[0]) for text in received if text.endswith(" requests")]
+    assert sum(batches) == 3000
+    assert batches[0] <= intake.FIRST_BATCH < max(batches), batches

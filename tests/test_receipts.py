@@ -13,6 +13,8 @@ import pytest
 import zmq
 
 from dispatcher import overflow, wire
+from dispatcher.client import Client
+from dispatcher.settings import load_settings
 from dispatcher.spool import Finish
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from tests.daemon import InProcessDaemon, write_settings
@@ -23,20 +25,26 @@ RunDaemon = Callable[..., InProcessDaemon]
 
 
 CONTEXT = {"name": "A", "activate_url": "https://example.com/a"}
+STARTS = 20  # one start in ~5 lost its first receipts before the daemon held them
 
 
 class Sender:
     """A PUSH socket to the daemon's intake and a SUB socket on its receipts for one client."""
 
-    def __init__(self, daemon: InProcessDaemon, client: str) -> None:
+    def __init__(self, daemon: InProcessDaemon, client: str, *, listen: bool = True) -> None:
         self.context = zmq.Context()
         self.push = self.context.socket(zmq.PUSH)
         self.sub = self.context.socket(zmq.SUB)
         self.push.linger = self.sub.linger = 0
         self.sub.setsockopt(zmq.SUBSCRIBE, f"{client} ".encode())
         self.push.connect(daemon.settings.intake.bind)
-        self.sub.connect(daemon.settings.intake.acks)
+        self.acks = daemon.settings.intake.acks
+        if listen:
+            self.listen()
         self.client = client
+
+    def listen(self) -> None:
+        self.sub.connect(self.acks)
 
     def send(self, request_id: str, template: str = "welcome") -> None:
         options: wire.EmailOptions = {"to": "a@example.com", "context": CONTEXT}
@@ -85,6 +93,45 @@ def test_a_receipt_follows_the_commit_and_comes_again_for_a_duplicate(
         daemon.wait_for_counts(sent=1, queued=0, retry=0)
     finally:
         sender.close()
+
+
+def test_a_receipt_waits_for_a_client_that_subscribes_late(daemon: InProcessDaemon) -> None:
+    """The slow joiner: a request committed before its client's subscription reached the
+    daemon is acknowledged once it does, not lost and sent again."""
+    sender = Sender(daemon, "late", listen=False)
+    try:
+        sender.send("early1")
+        deadline = time.monotonic() + 20
+        with SqliteReader(daemon.settings.spool.path) as spool:
+            while not spool.db.execute("select 1 from requests where id = 'early1'").fetchone():
+                assert time.monotonic() < deadline, "early1 was never stored"
+                time.sleep(0.01)
+        sender.listen()
+        assert sender.receipts({"early1"}, lambda: None) == {"early1"}  # with no re-send
+    finally:
+        sender.close()
+
+
+def test_the_first_requests_after_every_daemon_start_are_acknowledged(
+    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+) -> None:
+    """An app that outlives daemon restarts, and one that boots beside each daemon: the first
+    receipts of every start reach them (lost ones were re-sent after ack_timeout)."""
+    settings_path = write_settings(tmp_path, smtp_server.port)
+    settings = load_settings(settings_path, environ={})
+    with Client(settings) as long_lived:
+        for start in range(STARTS):
+            booting = Client(settings)
+            first = booting.enqueue_email("welcome", to="a@example.com", context=CONTEXT)
+            daemon = run_daemon(settings_path)
+            for app in (booting, long_lived):
+                app.enqueue_email("welcome", to="b@example.com", context=CONTEXT)
+            assert first
+            for app in (booting, long_lived):
+                assert app.flush(10.0), f"start {start}: a request was spilled"
+                assert app.resent == 0, f"start {start}: a receipt was lost\n{daemon.log}"
+            booting.close()
+            assert daemon.stop() == 0
 
 
 def test_a_rejected_request_is_acknowledged_so_the_client_stops_sending_it(
