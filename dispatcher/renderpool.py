@@ -22,6 +22,7 @@ import orjson
 from dispatcher import wire
 from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
+from dispatcher.message import Redirect, render_request
 from dispatcher.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,24 @@ class Failed:
 Result = RenderedMessage | Failed
 
 _worker_renderer: Renderer | None = None  # in a worker process: built once by `_start`
+_worker_redirect: Redirect | None = None
 
 
-def render_stored(renderer: Renderer, stored: bytes) -> Result:
+def render_stored(renderer: Renderer, stored: bytes, redirect: Redirect | None = None) -> Result:
     """Render one request as the spool holds it (its wire-form JSON)."""
     try:
-        return renderer.render(wire.validate(orjson.loads(stored)))
+        return render_request(renderer, wire.validate(orjson.loads(stored)), redirect)
     except (TemplateError, InvalidRequest) as exc:
         return Failed(str(exc), permanent=True)
     except Exception as exc:  # a bug, or a resource running out: try again later, never lose it
         return Failed(f"internal error: {type(exc).__name__}: {exc}", permanent=False)
 
 
-def _start(templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int) -> None:
-    global _worker_renderer
+def _start(
+    templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int, redirect: Redirect | None
+) -> None:
+    global _worker_renderer, _worker_redirect
+    _worker_redirect = redirect
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
     _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
@@ -69,16 +74,23 @@ def _exit_with_parent(parent: int) -> None:
 
 def _render_batch(batch: list[bytes]) -> list[Result]:
     assert _worker_renderer is not None, "worker started without its renderer"
-    return [render_stored(_worker_renderer, stored) for stored in batch]
+    return [render_stored(_worker_renderer, stored, _worker_redirect) for stored in batch]
 
 
 class RenderPool:
     """Renders batches of stored requests in `processes` workers (0: on the event loop)."""
 
     def __init__(
-        self, templates_dir: Path, mail_from: str, processes: int, *, auto_reload: bool = False
+        self,
+        templates_dir: Path,
+        mail_from: str,
+        processes: int,
+        *,
+        auto_reload: bool = False,
+        redirect: Redirect | None = None,
     ) -> None:
         self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+        self.redirect = redirect  # `mail.redirect_to`, applied to every request
         self.auto_reload = auto_reload
         self.mail_from = mail_from
         self.processes = processes
@@ -89,7 +101,7 @@ class RenderPool:
         if not batch:
             return []
         if not self.processes:
-            return [render_stored(self.renderer, stored) for stored in batch]
+            return [render_stored(self.renderer, stored, self.redirect) for stored in batch]
         loop = asyncio.get_running_loop()
         pool, size = self._pool(), -(-len(batch) // self.processes)  # one share per worker
         shares = [batch[start : start + size] for start in range(0, len(batch), size)]
@@ -124,6 +136,7 @@ class RenderPool:
                     self.mail_from,
                     self.auto_reload,
                     os.getpid(),
+                    self.redirect,
                 ),
             )
         return self.pool

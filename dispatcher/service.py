@@ -11,6 +11,7 @@ from dispatcher.admission import Admission, policies
 from dispatcher.delivery import SHUTDOWN_GRACE, Delivery
 from dispatcher.errors import StartupError
 from dispatcher.intake import Intake
+from dispatcher.message import Redirect
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
 from dispatcher.settings import Settings
@@ -45,6 +46,7 @@ class Daemon:
             settings.mail.from_,
             settings.templates.render_processes,
             auto_reload=auto_reload,
+            redirect=Redirect.of(settings.mail),
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))
         self.observer = Observer(settings, self.spool)
