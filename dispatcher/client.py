@@ -8,18 +8,19 @@ requests get `client.exit_wait` seconds for their receipts and the rest are spil
 """
 
 import atexit
-import email.message
 import multiprocessing.util
 import os
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
 from dispatcher import wire
 from dispatcher.handoff import Handoff
-from dispatcher.raw import message_bytes
 from dispatcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import email.message
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()  # every open client, to close at exit
 
@@ -52,7 +53,7 @@ class Client:
         return self._enqueue(None, options)
 
     def enqueue_raw(
-        self, message: email.message.Message | bytes, /, **options: Unpack[wire.RawOptions]
+        self, message: "email.message.Message | bytes", /, **options: Unpack[wire.RawOptions]
     ) -> str:
         """Queue a message the app built (an `EmailMessage`, or RFC 5322 bytes) as it is.
 
@@ -60,7 +61,7 @@ class Client:
         `mail.from`), Date and Message-ID are added when missing. Its header block is checked
         as strictly as the dispatcher's own: an injected line raises `InvalidRequest`.
         """
-        return self._enqueue(None, {**options, "raw": message_bytes(message)})
+        return self._enqueue(None, {**options, "raw": message})
 
     def _enqueue_fields(self, fields: dict[str, Any]) -> str:
         """Hand over a request made and checked earlier (`dispatcher.deferred`)."""
@@ -196,7 +197,7 @@ def enqueue_message(**options: Unpack[wire.MessageOptions]) -> str:
 
 
 def enqueue_raw(
-    message: email.message.Message | bytes, /, **options: Unpack[wire.RawOptions]
+    message: "email.message.Message | bytes", /, **options: Unpack[wire.RawOptions]
 ) -> str:
     """`Client.enqueue_raw()` on this process's default client: `envelope_from`,
     `recipients`, `send_at`, `priority`, `idempotency_key`."""

@@ -10,16 +10,16 @@ words that decode to no control character, address lists the stdlib parses witho
 import base64
 import binascii
 import codecs
-import email.base64mime
-import email.message
-import email.quoprimime
-import email.utils
+import io
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispatcher.address import Address, check_address, parse_address
 from dispatcher.errors import InvalidRequest, RequestTooLarge
+
+if TYPE_CHECKING:
+    import email.message
 
 MAX_RAW_BYTES = 5 * 512 * 1024  # 2.5 MiB: as base64 it stays inside the 4 MiB frame
 MAX_HEADER_BLOCK_BYTES = 64 * 1024
@@ -90,7 +90,7 @@ def encode_raw(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def message_bytes(message: email.message.Message | bytes) -> bytes:
+def message_bytes(message: "email.message.Message | bytes") -> bytes:
     """A message as bytes with CRLF line ends (what SMTP carries), as its policy writes it.
 
     The fields written must be the fields the message holds: Python 3.11.7 writes a value
@@ -98,12 +98,19 @@ def message_bytes(message: email.message.Message | bytes) -> bytes:
     """
     if isinstance(message, bytes):
         return message
+    import email.generator
+    import email.message
+
     if not isinstance(message, email.message.Message):
         raise InvalidRequest(
             f"raw: expected an email.message.EmailMessage or bytes, got {type(message).__name__}"
         )
+    out = io.BytesIO()
+    # The generator, not `as_bytes()`: Django's messages override that without a policy.
+    policy = message.policy.clone(linesep="\r\n")
     try:
-        data = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+        email.generator.BytesGenerator(out, mangle_from_=False, policy=policy).flatten(message)
+        data = out.getvalue()
     except (ValueError, TypeError, LookupError) as exc:  # what the generator refuses
         raise InvalidRequest(f"raw: the message cannot be written: {exc}") from None
     written = [field.name for field in parse(data).fields]
@@ -173,6 +180,9 @@ def _with_value(field: RawField, name: str) -> RawField:
 
 
 def _decode_word(match: re.Match[str], where: str) -> str:
+    import email.base64mime
+    import email.quoprimime
+
     charset, encoding, encoded = match[1], match[2].upper(), match[3]
     try:
         codecs.lookup(charset)
@@ -197,6 +207,8 @@ def _check_single(fields: tuple[RawField, ...], name: str) -> None:
         raise InvalidRequest(f"{name}: message-id {message_id!r} is not <left@right>")
     date = next((f.value for f in fields if f.name == "date"), None)
     if date is not None:
+        import email.utils
+
         try:
             email.utils.parsedate_to_datetime(date)
         except (TypeError, ValueError):

@@ -28,7 +28,7 @@ from dispatcher.address import (
     parse_address,
 )
 from dispatcher.errors import InvalidRequest, RequestTooLarge
-from dispatcher.raw import MAX_RAW_BYTES, RawMessage, decode_raw, encode_raw
+from dispatcher.raw import MAX_RAW_BYTES, RawMessage, decode_raw, encode_raw, message_bytes
 
 VERSION = 1
 # The daemon's socket refuses frames above twice this (ZMQ_MAXMSGSIZE), so a frame between the
@@ -139,7 +139,7 @@ class MessageOptions(EmailOptions, total=False):
 class RawOptions(TypedDict, total=False):
     """`enqueue_raw()`'s options: when and how to send a message the app built (`raw`)."""
 
-    raw: bytes  # the message; `enqueue_raw()` takes it as its first argument
+    raw: Any  # an `email.message.Message` or bytes; `enqueue_raw()`'s first argument
     envelope_from: str | None  # default: Sender, else From (as smtplib's send_message)
     recipients: str | Sequence[str] | None  # default: To, Cc and Bcc of the message
     send_at: datetime | None
@@ -617,9 +617,8 @@ def _iso_time(moment: object) -> str:
     return moment.isoformat()
 
 
-def _raw_data(message: object) -> str:
-    if not isinstance(message, bytes):
-        raise InvalidRequest("raw: expected the message as bytes")
+def _raw_data(message: Any) -> str:
+    message = message_bytes(message)
     if len(message) > MAX_RAW_BYTES:
         raise RequestTooLarge(f"raw: at most {MAX_RAW_BYTES} bytes are allowed")
     return encode_raw(message)
