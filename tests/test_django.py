@@ -177,11 +177,14 @@ def test_on_commit_can_be_turned_off(outbox: Outbox) -> None:
     from django.db import transaction
     from django.test import override_settings
 
-    with override_settings(DISPATCHER_ON_COMMIT=False):
-        with pytest.raises(RuntimeError), transaction.atomic():
-            send_mail("At once", "x", None, ["a@example.com"])
-            assert [m.subject for m in outbox] == ["At once"]
-            raise RuntimeError
+    with (
+        override_settings(DISPATCHER_ON_COMMIT=False),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        send_mail("At once", "x", None, ["a@example.com"])
+        assert [m.subject for m in outbox] == ["At once"]
+        raise RuntimeError
 
 
 def test_dispatcher_settings_can_come_from_a_django_setting(
