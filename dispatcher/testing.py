@@ -21,16 +21,18 @@ import email.policy
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from dispatcher import wire
 from dispatcher.client import Client
-from dispatcher.compose import RenderedMessage
-from dispatcher.message import Redirect, render_request
-from dispatcher.render import Renderer
 from dispatcher.settings import Settings
+
+if TYPE_CHECKING:  # imported when the first mail is captured: a pytest plugin loads this
+    from dispatcher.compose import RenderedMessage
+    from dispatcher.message import Redirect
+    from dispatcher.render import Renderer
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ def _addresses(message: email.message.EmailMessage, name: str) -> list[str]:
     return [] if header is None else [a.addr_spec for a in header.addresses]
 
 
-def _captured(request: wire.Request, rendered: RenderedMessage) -> CapturedMail:
+def _captured(request: wire.Request, rendered: "RenderedMessage") -> CapturedMail:
     message = email.message_from_bytes(rendered.data, policy=email.policy.default)
     assert isinstance(message, email.message.EmailMessage)
     text, html = message.get_body(("plain",)), message.get_body(("html",))
@@ -78,12 +80,17 @@ def _captured(request: wire.Request, rendered: RenderedMessage) -> CapturedMail:
         to=_addresses(message, "To"),
         cc=_addresses(message, "Cc"),
         recipients=list(rendered.recipients),
-        text=None if text is None else str(text.get_content()),
-        html=None if html is None else str(html.get_content()),
+        text=_text(text),
+        html=_text(html),
         attachments=attachments,
         message=message,
         data=rendered.data,
     )
+
+
+def _text(part: email.message.EmailMessage | None) -> str | None:
+    """A text part as it was rendered: with `\n` line ends, not SMTP's CRLF."""
+    return None if part is None else str(part.get_content()).replace("\r\n", "\n")
 
 
 def _content(part: email.message.EmailMessage) -> bytes:
@@ -102,14 +109,19 @@ class _Capture:
     def record(self, client: Client, fields: dict[str, Any]) -> str:
         frame = wire.encode(fields)  # what the client would refuse, refused here
         request = wire.validate(orjson.loads(frame))  # and what the daemon would
+        from dispatcher.message import render_request
+
         renderer, redirect = self.renderer(client.settings)
         mail = _captured(request, render_request(renderer, request, redirect))
         with self.lock:
             self.outbox.append(mail)
         return request.id
 
-    def renderer(self, settings: Settings) -> tuple[Renderer, Redirect | None]:
+    def renderer(self, settings: Settings) -> "tuple[Renderer, Redirect | None]":
         """One renderer per settings, as each daemon has its own."""
+        from dispatcher.message import Redirect
+        from dispatcher.render import Renderer
+
         with self.lock:
             found = self.renderers.get(settings)
             if found is None:
