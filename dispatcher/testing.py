@@ -88,12 +88,12 @@ def _captured(request: wire.Request, rendered: "RenderedMessage") -> CapturedMai
     )
 
 
-def _text(part: email.message.EmailMessage | None) -> str | None:
+def _text(part: email.message.MIMEPart | None) -> str | None:
     """A text part as it was rendered: with `\n` line ends, not SMTP's CRLF."""
     return None if part is None else str(part.get_content()).replace("\r\n", "\n")
 
 
-def _content(part: email.message.EmailMessage) -> bytes:
+def _content(part: email.message.MIMEPart) -> bytes:
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""
 
