@@ -40,7 +40,7 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django ships no t
         for message in email_messages or ():
             try:
                 sent += self.send_one(message)
-            except (DispatcherError, ValueError):  # Django raises ValueError for bad addresses
+            except DispatcherError:  # as Django's SMTP backend: its own errors still raise
                 if not self.fail_silently:
                     raise
         return sent

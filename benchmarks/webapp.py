@@ -1,0 +1,307 @@
+"""A web app's signup endpoint three ways, under a real WSGI server, in one run.
+
+    pip install -e '.[test,bench]'       # gunicorn and flask; `apt-get install wrk` for the
+    python benchmarks/webapp.py           # closed-loop run (else a Python generator does it)
+        [--rate 200] [--seconds 10] [--workers 4] [--delay 0.05] [--daemon-nice 0]
+
+gunicorn (`--workers` sync workers) serves a Flask app whose `GET /signup` does, in turn:
+
+- `none`: no mail, the yardstick;
+- `enqueue`: `enqueue_email("welcome", ...)` to a `dispatcher run` daemon on this machine,
+  which delivers to a relay answering each DATA after `--delay` seconds (slow_smtp.py);
+- `direct`: smtplib sends a message straight to that relay (a new connection per mail, as
+  Django's SMTP backend does).
+
+For each: an open-loop load at `--rate` requests/s for `--seconds` (latency from the time a
+request was due, so a server that falls behind is not hidden), p50/p99 and errors; then a
+closed-loop run for the most requests/s (wrk with 16 connections, or a Python generator when
+wrk is missing). The daemon, the relay, the WSGI server and the load generator share the
+machine's cores, as they would on one small host. Every socket is on 127.0.0.1.
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+from flask import Flask, request
+
+HERE = Path(__file__).resolve().parent
+MODES = ("none", "enqueue", "direct")
+REQUEST_TIMEOUT = 10.0  # seconds an open-loop request may take before it counts as an error
+CLOSED_CONNECTIONS = 16
+
+# -- the app gunicorn serves (`webapp:app`, in each worker) ---------------------------------
+
+MODE = os.environ.get("WEBAPP_MODE", "none")
+RELAY_PORT = int(os.environ.get("WEBAPP_RELAY_PORT", "0"))
+app = Flask(__name__)
+if MODE == "enqueue":
+    import dispatcher
+
+    dispatcher.configure()  # DISPATCHER_SETTINGS, at boot: the first request pays nothing
+
+
+@app.get("/signup")
+def signup() -> str:
+    """What a signup does besides its database write: send the welcome mail, or not."""
+    email = request.args.get("email", "ada@example.com")
+    name = request.args.get("name", "Ada")
+    if MODE == "enqueue":
+        dispatcher.enqueue_email(
+            "welcome",
+            to=email,
+            context={"name": name, "activate_url": f"https://example.com/activate/{name}"},
+        )
+    elif MODE == "direct":
+        message = EmailMessage()
+        message["From"], message["To"] = "Example <noreply@example.com>", email
+        message["Subject"] = f"Welcome to Example, {name}!"
+        message.set_content(f"Welcome, {name}!\n\nhttps://example.com/activate/{name}\n")
+        with smtplib.SMTP("127.0.0.1", RELAY_PORT, timeout=30) as relay:
+            relay.send_message(message)
+    return "ok\n"
+
+
+# -- the harness -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figures:
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    offered: int
+    max_rps: float
+    closed_errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextmanager
+def process(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
+    """A child process logging to `log` (a pipe nobody reads would block it), ended with
+    SIGTERM (then SIGKILL) when the block ends."""
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            start_new_session=True,  # gunicorn's workers too are ended with its group
+        )
+    try:
+        yield log
+    finally:
+        with_group = child.pid
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(with_group, sig)
+                child.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def wait_for_line(log: Path, text: str, timeout: float = 30.0) -> None:
+    """Bounded poll of a child's log until it holds `text` (it says it is ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"no line with {text!r} within {timeout} s:\n{log.read_text()}")
+
+
+async def get(port: int, path: str, due: float) -> float | None:
+    """One request on a new connection; seconds from `due` to the whole reply, None if it
+    failed (refused, reset, not 200, or over REQUEST_TIMEOUT)."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+            )
+            reply = await reader.read()
+            writer.close()
+    except (OSError, TimeoutError):
+        return None
+    return time.perf_counter() - due if reply.startswith(b"HTTP/1.1 200") else None
+
+
+async def open_loop(port: int, rate: float, seconds: float) -> list[float | None]:
+    """`rate` requests/s whatever the replies do: each is sent when due, on its own task."""
+    count = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    tasks = []
+    for index in range(count):
+        due = start + index / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        path = f"/signup?email=user{index}@example.com&name=User{index}"
+        tasks.append(asyncio.create_task(get(port, path, due)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop_python(port: int, seconds: float) -> tuple[float, int]:
+    """CLOSED_CONNECTIONS clients, each sending its next request when the last replied."""
+    done = errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(number: int) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < stop:
+            latency = await get(port, f"/signup?email=c{number}@example.com", time.perf_counter())
+            if latency is None:
+                errors += 1
+            else:
+                done += 1
+
+    await asyncio.gather(*(client(n) for n in range(CLOSED_CONNECTIONS)))
+    return done / seconds, errors
+
+
+def closed_loop(port: int, seconds: float) -> tuple[float, int]:
+    """Most requests/s: wrk when installed (C, keeps its own CPU small), else Python."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return asyncio.run(closed_loop_python(port, seconds))
+    url = f"http://127.0.0.1:{port}/signup?email=wrk@example.com&name=Wrk"
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{CLOSED_CONNECTIONS}", f"-d{int(seconds)}s", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rate is None:
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read \d+, write (\d+), timeout (\d+)", out
+    )
+    errors = int(non_2xx[1]) if non_2xx else 0
+    if socket_errors:  # a sync worker closing its connection is a `read` error: not counted
+        errors += sum(int(n) for n in socket_errors.groups())
+    return float(rate[1]), errors
+
+
+def measure(mode: str, args: argparse.Namespace, env: dict[str, str], folder: Path) -> Figures:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--worker-class", "sync",
+        "--bind", f"127.0.0.1:{port}", "--pythonpath", str(HERE), "--log-level", "warning",
+        "--backlog", "2048", "webapp:app",
+    ]  # fmt: skip
+    with process(command, folder / f"gunicorn-{mode}.log", {**env, "WEBAPP_MODE": mode}):
+        wait_for_port(port)
+        asyncio.run(open_loop(port, args.rate, 1.0))  # warm-up: every worker has served
+        results = asyncio.run(open_loop(port, args.rate, args.seconds))
+        max_rps, closed_errors = closed_loop(port, args.seconds)
+    latencies = sorted(r for r in results if r is not None)
+    if not latencies:
+        return Figures(
+            float("nan"), float("nan"), len(results), len(results), max_rps, closed_errors
+        )
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return Figures(
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=cuts[98] * 1000,
+        errors=len(results) - len(latencies),
+        offered=len(results),
+        max_rps=max_rps,
+        closed_errors=closed_errors,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers")
+    parser.add_argument("--delay", type=float, default=0.05, help="the relay's seconds per DATA")
+    parser.add_argument(
+        "--daemon-nice", type=int, default=0, help="run the daemon at this niceness (0-19)"
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help="which of none,enqueue,direct")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(HERE.parent))
+    import dispatcher
+    from tests.daemon import write_settings
+
+    relay_port = free_port()
+    figures: dict[str, Figures] = {}
+    with tempfile.TemporaryDirectory(prefix="webapp-") as name:
+        folder = Path(name)
+        settings = write_settings(folder, relay_port, smtp={"connections": 16})
+        env = {"DISPATCHER_SETTINGS": str(settings), "WEBAPP_RELAY_PORT": str(relay_port)}
+        relay = [sys.executable, str(HERE / "slow_smtp.py"), str(relay_port), str(args.delay)]
+        daemon = ["nice", "-n", str(args.daemon_nice), sys.executable, "-m", "dispatcher", "run"]
+        with (
+            process(relay, folder / "relay.log"),
+            process([*daemon, "--settings", str(settings)], folder / "daemon.log") as daemon_log,
+        ):
+            wait_for_port(relay_port)
+            wait_for_line(daemon_log, "listening on")
+            for mode in args.modes.split(","):
+                figures[mode] = measure(mode, args, env, folder)
+                print(f"  {mode}: {figures[mode]}", file=sys.stderr, flush=True)
+
+    print(f"dispatcher from {Path(dispatcher.__file__).parent}")
+    print(
+        f"gunicorn {args.workers} sync workers, Flask; relay answers DATA after"
+        f" {args.delay * 1000:.0f} ms;"
+        f" open loop {args.rate:.0f} req/s for {args.seconds:.0f} s; closed loop"
+        f" {'wrk' if shutil.which('wrk') else 'Python'}, {CLOSED_CONNECTIONS} connections;"
+        f" daemon nice {args.daemon_nice}"
+    )
+    print(f"{'mode':8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>9} {'max req/s':>10} {'vs none':>8}")
+    base = figures.get("none")
+    for mode, f in figures.items():
+        share = f"{f.max_rps / base.max_rps:.0%}" if base else "-"
+        print(
+            f"{mode:8} {f.p50_ms:8.1f} {f.p99_ms:8.1f} {f.errors:>4}/{f.offered:<4}"
+            f" {f.max_rps:10.0f} {share:>8}"
+            + (f"  ({f.closed_errors} errors)" if f.closed_errors else "")
+        )
+    if base and "enqueue" in figures:
+        print(f"enqueue p99 / none p99: {figures['enqueue'].p99_ms / base.p99_ms:.2f}x")
+    if base and "direct" in figures:
+        print(f"none max req/s / direct: {base.max_rps / figures['direct'].max_rps:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
