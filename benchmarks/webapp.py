@@ -225,10 +225,15 @@ def measure(mode: str, args: argparse.Namespace, env: dict[str, str], folder: Pa
         "--bind", f"127.0.0.1:{port}", "--pythonpath", str(HERE), "--log-level", "warning",
         "--backlog", "2048", "webapp:app",
     ]  # fmt: skip
+    # A server of its own for each run: an overloaded one (direct) is still working off the
+    # open loop's backlog long after it ended.
     with process(command, folder / f"gunicorn-{mode}.log", {**env, "WEBAPP_MODE": mode}):
         wait_for_port(port)
         asyncio.run(open_loop(port, args.rate, 1.0))  # warm-up: every worker has served
         results = asyncio.run(open_loop(port, args.rate, args.seconds))
+    with process(command, folder / f"gunicorn-{mode}-closed.log", {**env, "WEBAPP_MODE": mode}):
+        wait_for_port(port)
+        asyncio.run(open_loop(port, 20, 1.0))
         max_rps, closed_errors = closed_loop(port, args.seconds)
     latencies = sorted(r for r in results if r is not None)
     if not latencies:
@@ -299,7 +304,7 @@ def main() -> None:
         )
     if base and "enqueue" in figures:
         print(f"enqueue p99 / none p99: {figures['enqueue'].p99_ms / base.p99_ms:.2f}x")
-    if base and "direct" in figures:
+    if base and figures.get("direct") and figures["direct"].max_rps:
         print(f"none max req/s / direct: {base.max_rps / figures['direct'].max_rps:.0f}x")
 
 
