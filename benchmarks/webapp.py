@@ -81,13 +81,17 @@ def signup() -> str:
 
 
 @dataclass(frozen=True)
-class Figures:
+class OpenLoop:
     p50_ms: float
     p99_ms: float
     errors: int
     offered: int
-    max_rps: float
-    closed_errors: int
+
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    rps: float
+    errors: int
 
 
 def free_port() -> int:
@@ -218,37 +222,43 @@ def closed_loop(port: int, seconds: float) -> tuple[float, int]:
     return float(rate[1]), errors
 
 
-def measure(mode: str, args: argparse.Namespace, env: dict[str, str], folder: Path) -> Figures:
+@contextmanager
+def server(mode: str, args: argparse.Namespace, env: dict[str, str], log: Path) -> Iterator[int]:
+    """gunicorn serving `mode` on a port of its own; yields the port once it answers."""
     port = free_port()
     command = [
         sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--worker-class", "sync",
         "--bind", f"127.0.0.1:{port}", "--pythonpath", str(HERE), "--log-level", "warning",
         "--backlog", "2048", "webapp:app",
     ]  # fmt: skip
-    # A server of its own for each run: an overloaded one (direct) is still working off the
-    # open loop's backlog long after it ended.
-    with process(command, folder / f"gunicorn-{mode}.log", {**env, "WEBAPP_MODE": mode}):
+    with process(command, log, {**env, "WEBAPP_MODE": mode}):
         wait_for_port(port)
+        yield port
+
+
+def measure_open(mode: str, args: argparse.Namespace, env: dict[str, str], log: Path) -> OpenLoop:
+    """The open loop, on a server of its own: an overloaded one (direct) is still working off
+    its backlog long after the loop ended."""
+    with server(mode, args, env, log) as port:
         asyncio.run(open_loop(port, args.rate, 1.0))  # warm-up: every worker has served
         results = asyncio.run(open_loop(port, args.rate, args.seconds))
-    with process(command, folder / f"gunicorn-{mode}-closed.log", {**env, "WEBAPP_MODE": mode}):
-        wait_for_port(port)
-        asyncio.run(open_loop(port, 20, 1.0))
-        max_rps, closed_errors = closed_loop(port, args.seconds)
     latencies = sorted(r for r in results if r is not None)
-    if not latencies:
-        return Figures(
-            float("nan"), float("nan"), len(results), len(results), max_rps, closed_errors
-        )
-    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return Figures(
+    if len(latencies) < 2:
+        return OpenLoop(float("nan"), float("nan"), len(results) - len(latencies), len(results))
+    return OpenLoop(
         p50_ms=statistics.median(latencies) * 1000,
-        p99_ms=cuts[98] * 1000,
+        p99_ms=statistics.quantiles(latencies, n=100)[98] * 1000,
         errors=len(results) - len(latencies),
         offered=len(results),
-        max_rps=max_rps,
-        closed_errors=closed_errors,
     )
+
+
+def measure_closed(
+    mode: str, args: argparse.Namespace, env: dict[str, str], log: Path
+) -> ClosedLoop:
+    with server(mode, args, env, log) as port:
+        asyncio.run(open_loop(port, 20, 1.0))  # warm-up
+        return ClosedLoop(*closed_loop(port, args.seconds))
 
 
 def main() -> None:
@@ -261,14 +271,16 @@ def main() -> None:
         "--daemon-nice", type=int, default=0, help="run the daemon at this niceness (0-19)"
     )
     parser.add_argument("--modes", default=",".join(MODES), help="which of none,enqueue,direct")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode, in turn")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # after PYTHONPATH: a base checkout's package wins
     import dispatcher
     from tests.daemon import write_settings
 
     relay_port = free_port()
-    figures: dict[str, Figures] = {}
+    opened: dict[str, list[OpenLoop]] = {mode: [] for mode in args.modes.split(",")}
+    closed: dict[str, list[ClosedLoop]] = {mode: [] for mode in opened}
     with tempfile.TemporaryDirectory(prefix="webapp-") as name:
         folder = Path(name)
         settings = write_settings(folder, relay_port, smtp={"connections": 16})
@@ -281,9 +293,14 @@ def main() -> None:
         ):
             wait_for_port(relay_port)
             wait_for_line(daemon_log, "listening on")
-            for mode in args.modes.split(","):
-                figures[mode] = measure(mode, args, env, folder)
-                print(f"  {mode}: {figures[mode]}", file=sys.stderr, flush=True)
+            # Round after round, the modes in turn: a machine whose load changes (a shared
+            # one) shifts every mode alike, and the median of the rounds is reported.
+            for round_ in range(args.rounds):
+                for mode in opened:
+                    log = folder / f"gunicorn-{mode}-{round_}.log"
+                    opened[mode].append(measure_open(mode, args, env, log))
+                    closed[mode].append(measure_closed(mode, args, env, log))
+                    print(f"  {mode}: {opened[mode][-1]} {closed[mode][-1]}", file=sys.stderr)
 
     print(f"dispatcher from {Path(dispatcher.__file__).parent}")
     print(
@@ -293,19 +310,36 @@ def main() -> None:
         f" {'wrk' if shutil.which('wrk') else 'Python'}, {CLOSED_CONNECTIONS} connections;"
         f" daemon nice {args.daemon_nice}"
     )
-    print(f"{'mode':8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>9} {'max req/s':>10} {'vs none':>8}")
-    base = figures.get("none")
-    for mode, f in figures.items():
-        share = f"{f.max_rps / base.max_rps:.0%}" if base else "-"
+    print(f"medians of {args.rounds} rounds (each figure's range in brackets)")
+    print(f"{'mode':8} {'p50 ms':>8} {'p99 ms [range]':>20} {'errors':>9}", end="")
+    print(f" {'max req/s [range]':>20} {'vs none':>8}")
+    rps = {mode: median([c.rps for c in runs]) for mode, runs in closed.items()}
+    p99 = {mode: median([o.p99_ms for o in runs]) for mode, runs in opened.items()}
+    for mode, runs in opened.items():
+        errors = sum(o.errors for o in runs)
+        offered = sum(o.offered for o in runs)
+        share = f"{rps[mode] / rps['none']:.0%}" if "none" in rps else "-"
         print(
-            f"{mode:8} {f.p50_ms:8.1f} {f.p99_ms:8.1f} {f.errors:>4}/{f.offered:<4}"
-            f" {f.max_rps:10.0f} {share:>8}"
-            + (f"  ({f.closed_errors} errors)" if f.closed_errors else "")
+            f"{mode:8} {median([o.p50_ms for o in runs]):8.1f}"
+            f" {p99[mode]:8.1f} {spread([o.p99_ms for o in runs]):>11}"
+            f" {errors:>4}/{offered:<4}"
+            f" {rps[mode]:8.0f} {spread([c.rps for c in closed[mode]]):>11}"
+            f" {share:>8}"
         )
-    if base and "enqueue" in figures:
-        print(f"enqueue p99 / none p99: {figures['enqueue'].p99_ms / base.p99_ms:.2f}x")
-    if base and figures.get("direct") and figures["direct"].max_rps:
-        print(f"none max req/s / direct: {base.max_rps / figures['direct'].max_rps:.0f}x")
+    if "none" in p99 and "enqueue" in p99:
+        print(f"enqueue p99 / none p99: {p99['enqueue'] / p99['none']:.2f}x (target <= 1.2x)")
+    if "none" in rps and "enqueue" in rps:
+        print(f"enqueue max req/s / none: {rps['enqueue'] / rps['none']:.0%} (target >= 70%)")
+    if "none" in rps and rps.get("direct"):
+        print(f"none max req/s / direct: {rps['none'] / rps['direct']:.0f}x (target >= 20x)")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    return f"[{min(values):.0f}-{max(values):.0f}]"
 
 
 if __name__ == "__main__":

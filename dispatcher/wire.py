@@ -98,7 +98,8 @@ class Request:
 
     @property
     def kind(self) -> str:
-        """ "template", "message" or "raw": how the daemon turns it into a message."""
+        """How the daemon makes the message: from a "template", a "message" (the parts
+        themselves) or "raw" (a message the app built)."""
         return "template" if self.template else "raw" if self.raw else "message"
 
     @property
@@ -709,17 +710,15 @@ def sender_of(frame: bytes) -> tuple[str, str] | None:
 def to_fields(request: Request) -> dict[str, Any]:
     """The wire form of a checked request: what the spool stores and `validate` reads back."""
     fields: dict[str, Any] = {"v": VERSION, "id": request.id}
+    if request.template is not None:
+        fields.update(template=request.template, context=request.context)
     if request.raw is not None:
         fields.update(raw=encode_raw(request.raw.data), recipients=[str(a) for a in request.to])
     else:
-        if request.template is not None:
-            fields.update(template=request.template)
         for name in ADDRESS_LIST_FIELDS:
             addresses = getattr(request, name)
             if addresses or name == "to":
                 fields[name] = [str(a) for a in addresses]
-        if request.template is not None:
-            fields["context"] = request.context
     optional = {
         "subject": request.subject,
         "text": request.text,
