@@ -2,7 +2,7 @@
 
     pip install -e '.[test,bench]'       # gunicorn and flask; `apt-get install wrk` for the
     python benchmarks/webapp.py           # closed-loop run (else a Python generator does it)
-        [--rate 200] [--seconds 10] [--workers 4] [--delay 0.05] [--daemon-nice 0]
+        [--rate 200] [--seconds 10] [--rounds 3] [--workers 4] [--delay 0.05] [--daemon-nice 0]
 
 gunicorn (`--workers` sync workers) serves a Flask app whose `GET /signup` does, in turn:
 
@@ -15,8 +15,10 @@ gunicorn (`--workers` sync workers) serves a Flask app whose `GET /signup` does,
 For each: an open-loop load at `--rate` requests/s for `--seconds` (latency from the time a
 request was due, so a server that falls behind is not hidden), p50/p99 and errors; then a
 closed-loop run for the most requests/s (wrk with 16 connections, or a Python generator when
-wrk is missing). The daemon, the relay, the WSGI server and the load generator share the
-machine's cores, as they would on one small host. Every socket is on 127.0.0.1.
+wrk is missing). The modes take turns for `--rounds` rounds and the medians are reported, and
+every run starts with the daemon idle (the mail of the run before delivered). The daemon, the
+relay, the WSGI server and the load generator share the machine's cores, as they would on one
+small host. Every socket is on 127.0.0.1.
 """
 
 import argparse
@@ -138,6 +140,22 @@ def process(command: list[str], log: Path, env: dict[str, str] | None = None) ->
                 continue
 
 
+def wait_idle(spool_path: Path, timeout: float = 600.0) -> None:
+    """Bounded poll until the daemon's spool holds nothing queued, to retry or being sent."""
+    from dispatcher.spool.sqlite import SqliteReader
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not spool_path.exists():
+            return
+        with SqliteReader(spool_path) as spool:
+            counts = spool.counts()
+        if counts["queued"] + counts["retry"] + counts["sending"] == 0:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the daemon still has mail to send after {timeout} s: {counts}")
+
+
 def wait_for_line(log: Path, text: str, timeout: float = 30.0) -> None:
     """Bounded poll of a child's log until it holds `text` (it says it is ready)."""
     deadline = time.monotonic() + timeout
@@ -224,7 +242,9 @@ def closed_loop(port: int, seconds: float) -> tuple[float, int]:
 
 @contextmanager
 def server(mode: str, args: argparse.Namespace, env: dict[str, str], log: Path) -> Iterator[int]:
-    """gunicorn serving `mode` on a port of its own; yields the port once it answers."""
+    """gunicorn serving `mode` on a port of its own; yields the port once it answers and the
+    daemon is idle (delivering the last run's mail would load the next run's machine)."""
+    wait_idle(Path(env["WEBAPP_SPOOL"]))
     port = free_port()
     command = [
         sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--worker-class", "sync",
@@ -283,8 +303,12 @@ def main() -> None:
     closed: dict[str, list[ClosedLoop]] = {mode: [] for mode in opened}
     with tempfile.TemporaryDirectory(prefix="webapp-") as name:
         folder = Path(name)
-        settings = write_settings(folder, relay_port, smtp={"connections": 16})
-        env = {"DISPATCHER_SETTINGS": str(settings), "WEBAPP_RELAY_PORT": str(relay_port)}
+        settings = write_settings(folder, relay_port, smtp={"connections": 64})
+        env = {
+            "DISPATCHER_SETTINGS": str(settings),
+            "WEBAPP_RELAY_PORT": str(relay_port),
+            "WEBAPP_SPOOL": str(folder / "spool.sqlite3"),
+        }
         relay = [sys.executable, str(HERE / "slow_smtp.py"), str(relay_port), str(args.delay)]
         daemon = ["nice", "-n", str(args.daemon_nice), sys.executable, "-m", "dispatcher", "run"]
         with (
