@@ -123,7 +123,10 @@ def process(command: list[str], log: Path, env: dict[str, str] | None = None) ->
             env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=out,
-            start_new_session=True,  # gunicorn's workers too are ended with its group
+            # A process group of its own, so gunicorn's workers end with it, but not a session:
+            # Linux shares CPU between sessions first (autogroups), and a daemon in a session
+            # of its own would bring its own share instead of taking from the app's.
+            process_group=0,
         )
     try:
         yield log

@@ -63,9 +63,10 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]  # Django ships no t
 
 
 def enqueue_after_commit(template: str | None = None, /, **options: Any) -> str:
-    """`enqueue_email(template, ...)` (or without a template `enqueue_message(...)`), handed
-    over when the current `transaction.atomic()` block commits, dropped if it rolls back; at
-    once outside one. Checked now: returns the request id, or raises `InvalidRequest`."""
+    """`enqueue_email(template, ...)` (without one: `enqueue_message(...)`, or with `raw=` a
+    built message, as `enqueue_raw()`), handed over when the current `transaction.atomic()`
+    block commits, dropped if it rolls back; at once outside one. Checked now: returns the
+    request id, or raises `InvalidRequest`."""
     request = defer(template, options)
     if not transaction.get_connection().in_atomic_block:
         return request.send(client())
