@@ -75,3 +75,26 @@ def test_capture_applies_the_staging_redirect(tmp_path: Path) -> None:
     (mail,) = outbox
     assert mail.recipients == ["qa@example.net"]
     assert mail.message["X-Original-To"] == "ada@customer.org"
+
+
+def test_the_plugin_loads_by_its_entry_point_and_by_pytest_plugins(tmp_path: Path) -> None:
+    """A user's own test run, in a process of its own (plugin loading is what is tested)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_signup.py").write_text(
+        "import dispatcher\n"
+        "def test_signup(dispatcher_outbox):\n"
+        "    dispatcher.enqueue_message(to='a@example.com', subject='Hi', text='t')\n"
+        "    assert [m.subject for m in dispatcher_outbox] == ['Hi']\n"
+    )
+    for conftest in ("", 'pytest_plugins = ["dispatcher.testing"]\n'):
+        (tmp_path / "conftest.py").write_text(conftest)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
