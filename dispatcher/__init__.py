@@ -1,6 +1,13 @@
 """dispatcher: transactional email that never slows a request and is never silently lost."""
 
-from dispatcher.client import Client, configure, enqueue_email, flush
+from dispatcher.client import (
+    Client,
+    configure,
+    enqueue_email,
+    enqueue_message,
+    enqueue_raw,
+    flush,
+)
 from dispatcher.errors import (
     DispatcherError,
     InvalidRequest,
@@ -22,5 +29,7 @@ __all__ = [
     "__version__",
     "configure",
     "enqueue_email",
+    "enqueue_message",
+    "enqueue_raw",
     "flush",
 ]

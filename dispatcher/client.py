@@ -13,12 +13,15 @@ import sys
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
 from dispatcher import overflow, wire
 from dispatcher.errors import SettingsError
 from dispatcher.handoff import Handoff
 from dispatcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import email.message
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()  # every open client, to close at exit
 
@@ -44,7 +47,37 @@ class Client:
         """
         return self._enqueue(template, options)
 
-    def _enqueue(self, template: str, options: wire.EmailOptions) -> str:
+    def enqueue_message(self, **options: Unpack[wire.MessageOptions]) -> str:
+        """Queue one email given as its parts (`subject`, `text` and/or `html`), no template.
+
+        The same options, checks, limits and guarantees as `enqueue_email()`; without `text`
+        the text part is derived from `html`, as for a template without body.txt.
+        """
+        return self._enqueue(None, options)
+
+    def enqueue_raw(
+        self, message: "email.message.Message | bytes", /, **options: Unpack[wire.RawOptions]
+    ) -> str:
+        """Queue a message the app built (an `EmailMessage`, or RFC 5322 bytes) as it is.
+
+        Recipients default to its To, Cc and Bcc; the Bcc field is never sent. From (from
+        `mail.from`), Date and Message-ID are added when missing. Its header block is checked
+        as strictly as the dispatcher's own: an injected line raises `InvalidRequest`.
+        """
+        return self._enqueue(None, {**options, "raw": message})
+
+    def _enqueue_fields(self, fields: dict[str, Any]) -> str:
+        """Hand over a request made and checked earlier (`dispatcher.deferred`)."""
+        handoff = self._handoff or self._start()
+        fields["client"] = handoff.client_id
+        handoff.submit(fields["id"], wire.encode(fields))
+        return str(fields["id"])
+
+    def _enqueue(
+        self,
+        template: str | None,
+        options: wire.EmailOptions | wire.MessageOptions | wire.RawOptions,
+    ) -> str:
         """`enqueue_email()`, with its options as one dict: passed on, not unpacked again."""
         handoff = self._handoff or self._start()
         request_id = handoff.new_id()
@@ -195,6 +228,24 @@ def check_overflow_dir(settings: Settings) -> None:
 def enqueue_email(template: str, /, **options: Unpack[wire.EmailOptions]) -> str:
     """`Client.enqueue_email()` on this process's default client (see `configure()`)."""
     return (_state.client or _state.get())._enqueue(template, options)
+
+
+def enqueue_message(**options: Unpack[wire.MessageOptions]) -> str:
+    """`Client.enqueue_message()` on this process's default client."""
+    return (_state.client or _state.get())._enqueue(None, options)
+
+
+def enqueue_raw(
+    message: "email.message.Message | bytes", /, **options: Unpack[wire.RawOptions]
+) -> str:
+    """`Client.enqueue_raw()` on this process's default client: `envelope_from`,
+    `recipients`, `send_at`, `priority`, `idempotency_key`."""
+    return default_client().enqueue_raw(message, **options)
+
+
+def default_client() -> Client:
+    """This process's default client: the one the module functions use."""
+    return _state.client or _state.get()
 
 
 def flush(timeout: float = 5.0) -> bool:

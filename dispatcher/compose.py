@@ -49,8 +49,7 @@ def compose(
 ) -> RenderedMessage:
     """The full message: header fields, body parts, a Message-ID derived from the request id."""
     envelope_from = ascii_addr_spec(sender.addr_spec)
-    left = _NOT_ATEXT.sub(lambda m: f"={ord(m[0]):02X}", request.id)
-    message_id = f"<{left}@{envelope_from.rpartition('@')[2]}>"
+    message_id = message_id_for(request.id, envelope_from)
     moment = now or datetime.now(UTC)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -63,6 +62,12 @@ def compose(
     check_headers([f.name for f in (*fields, *body.fields)], data, message_id)
     recipients = dict.fromkeys(ascii_addr_spec(a) for a in request.recipients)
     return RenderedMessage(message_id, envelope_from, tuple(recipients), parts.subject, data)
+
+
+def message_id_for(request_id: str, envelope_from: str) -> str:
+    """`<request-id@sender-domain>`: the same on every retry, so a duplicate can be told."""
+    left = _NOT_ATEXT.sub(lambda m: f"={ord(m[0]):02X}", request_id)
+    return f"<{left}@{envelope_from.rpartition('@')[2]}>"
 
 
 def _fields(

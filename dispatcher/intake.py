@@ -276,7 +276,7 @@ class Intake:
         render worker) and make it a row for the spool."""
         fields = wire.parse(frame)
         wire.check(fields, len(frame))
-        if not self.has_template(fields["template"]):
+        if "template" in fields and not self.has_template(fields["template"]):
             raise InvalidRequest(f"template: unknown template {fields['template']!r}")
         if fields.get("id") is None:  # a foreign sender may leave naming it to us
             fields["id"] = wire.new_id()

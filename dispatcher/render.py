@@ -150,6 +150,7 @@ class Renderer:
 
     def render(self, request: Request, now: datetime | None = None) -> RenderedMessage:
         """Render the request's template and build the full message for SMTP DATA."""
+        assert request.template is not None, "message.render_request() takes the other kinds"
         parts = self.render_parts(request.template, request.context)
         return compose(parts, request, request.sender or self.mail_from, now)
 

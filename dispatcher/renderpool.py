@@ -29,6 +29,7 @@ import orjson
 from dispatcher import wire
 from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
+from dispatcher.message import Redirect, render_request
 from dispatcher.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -58,33 +59,38 @@ class RenderTimeout(BaseException):
 
 
 _worker_renderer: Renderer | None = None  # in a worker process: built once by `_start`
+_worker_redirect: Redirect | None = None  # `mail.redirect_to` in a worker, set by `_start`
 _rendering = False  # the alarm may interrupt the code running now: a render's
 
 
-def render_all(renderer: Renderer, batch: list[bytes], timeout: float) -> list[Result]:
+def render_all(
+    renderer: Renderer, batch: list[bytes], timeout: float, redirect: Redirect | None
+) -> list[Result]:
     """Render a batch, each request within `timeout` seconds: SIGALRM interrupts a template
     spinning in Python at its next bytecode. Only the main thread receives signals, so on
     another (a daemon run on a thread, in tests) renders are bounded in size only."""
     if threading.current_thread() is not threading.main_thread():
-        return [render_stored(renderer, stored, timeout) for stored in batch]
+        return [render_stored(renderer, stored, timeout, redirect) for stored in batch]
     previous = signal.signal(signal.SIGALRM, _expired)
     try:
         results = []
         for stored in batch:
             signal.setitimer(signal.ITIMER_REAL, timeout)  # each request's own deadline
-            results.append(render_stored(renderer, stored, timeout))
+            results.append(render_stored(renderer, stored, timeout, redirect))
         return results
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def render_stored(renderer: Renderer, stored: bytes, timeout: float) -> Result:
+def render_stored(
+    renderer: Renderer, stored: bytes, timeout: float, redirect: Redirect | None = None
+) -> Result:
     """Render one request as the spool holds it (its wire-form JSON), within its bounds."""
     global _rendering
     try:
         _rendering = True
-        message = renderer.render(wire.validate(orjson.loads(stored)))
+        message = render_request(renderer, wire.validate(orjson.loads(stored)), redirect)
         _rendering = False  # an alarm handled from here on is ignored
     except RenderTimeout:
         return too_slow(stored, timeout)
@@ -122,8 +128,11 @@ def _expired(signum: int, frame: FrameType | None) -> None:
         raise RenderTimeout
 
 
-def _start(templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int) -> None:
-    global _worker_renderer
+def _start(
+    templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int, redirect: Redirect | None
+) -> None:
+    global _worker_renderer, _worker_redirect
+    _worker_redirect = redirect
     for signum in (signal.SIGINT, signal.SIGTERM):  # the group's signals are the daemon's
         signal.signal(signum, signal.SIG_IGN)
     # A runaway render fails with MemoryError here, instead of growing until the OOM killer
@@ -143,7 +152,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _render_batch(batch: list[bytes], timeout: float) -> list[Result]:
     assert _worker_renderer is not None, "worker started without its renderer"
-    return render_all(_worker_renderer, batch, timeout)
+    return render_all(_worker_renderer, batch, timeout, _worker_redirect)
 
 
 class RenderPool:
@@ -157,12 +166,14 @@ class RenderPool:
         *,
         timeout: float = 10.0,
         auto_reload: bool = False,
+        redirect: Redirect | None = None,
     ) -> None:
         self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
         self.auto_reload = auto_reload
         self.mail_from = mail_from
         self.processes = processes
         self.timeout = timeout
+        self.redirect = redirect  # `mail.redirect_to`, applied to every request
         self.pool: ProcessPoolExecutor | None = None
 
     async def render(self, batch: list[bytes]) -> list[Result]:
@@ -170,7 +181,7 @@ class RenderPool:
         if not batch:
             return []
         if not self.processes:
-            return render_all(self.renderer, batch, self.timeout)
+            return render_all(self.renderer, batch, self.timeout, self.redirect)
         size = -(-len(batch) // self.processes)  # one share per worker
         shares = [batch[start : start + size] for start in range(0, len(batch), size)]
         try:
@@ -239,6 +250,7 @@ class RenderPool:
                     self.mail_from,
                     self.auto_reload,
                     os.getpid(),
+                    self.redirect,
                 ),
             )
         return self.pool

@@ -12,6 +12,7 @@ from dispatcher.admission import Admission, policies
 from dispatcher.delivery import SHUTDOWN_GRACE, Delivery
 from dispatcher.errors import StartupError, StoreUnavailable
 from dispatcher.intake import Intake
+from dispatcher.message import Redirect
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
 from dispatcher.settings import Settings
@@ -47,6 +48,7 @@ class Daemon:
             settings.templates.render_processes,
             timeout=settings.templates.render_timeout,
             auto_reload=auto_reload,
+            redirect=Redirect.of(settings.mail),
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))
         self.observer = Observer(settings, self.spool)

@@ -155,6 +155,10 @@ class MailSettings:
     """Defaults for the messages themselves."""
 
     from_: str = "Example <noreply@example.com>"
+    # Staging: every recipient becomes these addresses (originals in X-Original-To), except
+    # those at the domains of `redirect_except` (and their subdomains).
+    redirect_to: tuple[str, ...] = ()
+    redirect_except: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,8 +428,15 @@ def _daemon_checked(settings: Settings) -> Settings:
 
     try:
         parse_address(settings.mail.from_, "mail.from")
+        for i, address in enumerate(settings.mail.redirect_to):
+            parse_address(address, f"mail.redirect_to[{i}]")
     except InvalidRequest as exc:
         raise SettingsError(str(exc)) from None
+    if settings.mail.redirect_except and not settings.mail.redirect_to:
+        raise SettingsError("mail.redirect_except: only meaningful with mail.redirect_to")
+    for i, domain in enumerate(settings.mail.redirect_except):
+        if "@" in domain or not domain.strip(".") or " " in domain:
+            raise SettingsError(f"mail.redirect_except[{i}]: expected a domain, got {domain!r}")
     return settings
 
 

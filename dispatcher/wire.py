@@ -28,6 +28,7 @@ from dispatcher.address import (
     parse_address,
 )
 from dispatcher.errors import InvalidRequest, RequestTooLarge
+from dispatcher.raw import MAX_RAW_BYTES, RawMessage, decode_raw, encode_raw, message_bytes
 
 VERSION = 1
 # The daemon's socket refuses frames above twice this (ZMQ_MAXMSGSIZE), so a frame between the
@@ -42,6 +43,7 @@ MAX_CONTEXT_BYTES = 64 * 1024  # the context as JSON
 MAX_HEADERS = 20  # extra headers of one request
 MAX_HEADER_CHARS = 900  # one extra header's value
 MAX_TEXT_CHARS = 200  # an id, idempotency key or locale
+MAX_BODY_CHARS = 1024 * 1024  # `text` or `html` of a request without a template, each
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # Anchored with \Z, not $: `$` also matches before a final newline ("welcome\n").
 TEMPLATE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -74,8 +76,8 @@ class Request:
     """A request that passed the full check, as the daemon stores and renders it."""
 
     id: str
-    template: str
-    to: tuple[Address, ...]
+    template: str | None  # None: a request of another kind (see `kind`)
+    to: tuple[Address, ...]  # a raw request: every envelope recipient
     context: dict[str, Any]
     cc: tuple[Address, ...] = ()
     bcc: tuple[Address, ...] = ()
@@ -88,6 +90,17 @@ class Request:
     idempotency_key: str | None = None
     locale: str | None = None
     client: str | None = None
+    subject: str | None = None  # kind "message": the parts themselves, no template
+    text: str | None = None
+    html: str | None = None
+    raw: RawMessage | None = None  # kind "raw": a message built by the app
+    envelope_from: Address | None = None
+
+    @property
+    def kind(self) -> str:
+        """How the daemon makes the message: from a "template", a "message" (the parts
+        themselves) or "raw" (a message the app built)."""
+        return "template" if self.template else "raw" if self.raw else "message"
 
     @property
     def recipients(self) -> list[str]:
@@ -111,6 +124,28 @@ class EmailOptions(TypedDict, total=False):
     priority: str  # "high", "normal" or "low"
     idempotency_key: str | None
     locale: str | None
+
+
+class MessageOptions(EmailOptions, total=False):
+    """`enqueue_message()`'s arguments: the parts themselves instead of a template's name.
+
+    A `context` is refused (there is no template to give it to).
+    """
+
+    subject: Required[str]
+    text: str | None  # derived from `html` when absent
+    html: str | None
+
+
+class RawOptions(TypedDict, total=False):
+    """`enqueue_raw()`'s options: when and how to send a message the app built (`raw`)."""
+
+    raw: Any  # an `email.message.Message` or bytes; `enqueue_raw()`'s first argument
+    envelope_from: str | None  # default: Sender, else From (as smtplib's send_message)
+    recipients: str | Sequence[str] | None  # default: To, Cc and Bcc of the message
+    send_at: datetime | None
+    priority: str
+    idempotency_key: str | None
 
 
 # -- the rules ---------------------------------------------------------------------------------
@@ -284,6 +319,32 @@ def _attachment(item: object, where: str) -> Attachment:
     return Attachment(filename, content_type, content)
 
 
+def _subject(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"{name}: a subject (non-empty string) is required")
+    check_header_text(value, name)
+    if len(value) > MAX_HEADER_CHARS:
+        raise InvalidRequest(f"{name}: at most {MAX_HEADER_CHARS} characters are allowed")
+    return value
+
+
+def _body(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name}: expected a string")
+    if len(value) > MAX_BODY_CHARS:
+        raise RequestTooLarge(f"{name}: at most {MAX_BODY_CHARS} characters are allowed")
+    return value
+
+
+def _raw(full: bool) -> Check:
+    def rule(value: object, name: str) -> RawMessage:
+        return decode_raw(value, name, full=full)
+
+    return rule
+
+
 def _send_at(value: object, name: str) -> datetime | None:
     if value is None:
         return None
@@ -327,16 +388,31 @@ RULES = (
     Rule("priority", _priority, _priority),
     Rule("idempotency_key", _text(), _text()),
     Rule("locale", _text(LOCALE), _text(LOCALE), LOCALE),
+    Rule("subject", _subject, _subject),
+    Rule("text", _body, _body),
+    Rule("html", _body, _body),
+    Rule("raw", _raw(full=False), _raw(full=True)),
+    Rule("envelope_from", _address(check_address), _address(parse_address), PLAIN_ADDRESS),
+    Rule("recipients", _addresses(check_address), _addresses(parse_address), PLAIN_ADDRESS),
 )
 REQUIRED = ("v", "template", "to")
 Shape = tuple[re.Pattern[str] | None, Check | None]  # a rule's `plain` and `shape`
 _SHAPES: dict[str, Shape] = {rule.name: (rule.plain, rule.shape) for rule in RULES}
-# What the client checks of what its caller gave: not the envelope, which it writes itself.
-_CALLER_SHAPES = _SHAPES | dict.fromkeys(("v", "id", "client"), (None, None))
 
 
 def _unknown(value: object, name: str) -> None:
     raise InvalidRequest(f"unknown field {name!r}")
+
+
+def _not_of(kind: str) -> Check:
+    """The rule of a field that a request of `kind` does not take."""
+    what = {"template": "a template", "message": "a message without a template", "raw": "raw"}
+
+    def rule(value: object, name: str) -> None:
+        if value is not None:
+            raise InvalidRequest(f"{name}: not allowed in a request with {what[kind]}")
+
+    return rule
 
 
 _UNKNOWN: Shape = (None, _unknown)
@@ -344,12 +420,74 @@ _UNKNOWN: Shape = (None, _unknown)
 
 def _check_recipient_count(fields: dict[str, Any]) -> None:
     """Count before checking: a frame of 100,000 addresses must not cost 100,000 checks."""
-    counted = [fields.get(name) for name in ("to", "cc", "bcc")]
+    counted = [fields.get(name) for name in ("to", "cc", "bcc", "recipients")]
     total = sum(len(v) if isinstance(v, list) else 1 for v in counted if v is not None)
     if total > MAX_RECIPIENTS:
         raise InvalidRequest(
             f"to, cc, bcc: {total} recipients; at most {MAX_RECIPIENTS} recipients per request"
         )
+
+
+# -- request kinds: a template's name, the parts themselves, or a message the app built ------
+
+_MESSAGE_FIELDS = frozenset(("subject", "text", "html"))
+_RAW_FIELDS = frozenset(("raw", "envelope_from", "recipients"))
+_ENVELOPE_FIELDS = frozenset(("v", "id", "client", "send_at", "priority", "idempotency_key"))
+# The fields each kind takes; a field of another kind is refused, naming the kind.
+KIND_FIELDS = {
+    "template": frozenset(_SHAPES) - _MESSAGE_FIELDS - _RAW_FIELDS,
+    "message": frozenset(_SHAPES) - {"template", "context"} - _RAW_FIELDS,
+    "raw": _RAW_FIELDS | _ENVELOPE_FIELDS,
+}
+_RULES = {
+    kind: [rule for rule in RULES if rule.name in names] for kind, names in KIND_FIELDS.items()
+}
+KIND_REQUIRED = {"template": REQUIRED, "message": ("v", "to", "subject"), "raw": ("v", "raw")}
+_KIND_SHAPES = {
+    kind: {name: _SHAPES[name] if name in names else (None, _not_of(kind)) for name in _SHAPES}
+    for kind, names in KIND_FIELDS.items()
+}
+
+
+_TEMPLATE_SHAPES = _KIND_SHAPES["template"]
+# What the client checks of what its caller gave: not the envelope, which it writes itself.
+_CALLER_SHAPES = _TEMPLATE_SHAPES | dict.fromkeys(("v", "id", "client"), (None, None))
+
+
+def kind_of(fields: Mapping[str, Any]) -> str:
+    """A request's kind, by the fields it has: "template" unless it names none and has the
+    parts ("message") or a built message ("raw")."""
+    if "template" in fields:
+        return "template"
+    if "raw" in fields:
+        return "raw"
+    return "message" if not _MESSAGE_FIELDS.isdisjoint(fields) else "template"
+
+
+def label(fields: Mapping[str, Any]) -> str:
+    """What the spool's template column and the logs show: the template, or `(kind)`."""
+    template = fields.get("template")
+    return template if isinstance(template, str) else f"({kind_of(fields)})"
+
+
+def _check_kind(fields: dict[str, Any], kind: str, envelope: bool) -> None:
+    """The shape check of a request without a template: its kind's fields, and its parts."""
+    shapes = _KIND_SHAPES[kind]
+    for name in KIND_REQUIRED[kind]:
+        if name not in fields and (envelope or name != "v"):
+            _SHAPES[name][1](None, name)  # type: ignore[misc]  # raises, saying why
+    for name, value in fields.items():
+        if not envelope and name in ("v", "id", "client"):
+            continue
+        shape = shapes.get(name, _UNKNOWN)[1]
+        if shape is not None:
+            shape(value, name)
+    _check_parts(fields, kind)
+
+
+def _check_parts(fields: dict[str, Any], kind: str) -> None:
+    if kind == "message" and fields.get("text") is None and fields.get("html") is None:
+        raise InvalidRequest("text, html: a message without a template needs text or html")
 
 
 # -- the two strengths -------------------------------------------------------------------------
@@ -363,7 +501,10 @@ def check(fields: dict[str, Any], size: int, *, envelope: bool = True) -> None:
     itself. The context is measured only when the frame is large enough to hold one over its
     limit.
     """
-    shapes = _SHAPES if envelope else _CALLER_SHAPES
+    if "template" not in fields and (kind := kind_of(fields)) != "template":
+        _check_recipient_count(fields)
+        return _check_kind(fields, kind, envelope)
+    shapes = _TEMPLATE_SHAPES if envelope else _CALLER_SHAPES
     if "cc" in fields or "bcc" in fields or fields.get("to").__class__ is not str:
         _check_recipient_count(fields)
     if "v" not in fields or "template" not in fields or "to" not in fields:
@@ -393,8 +534,21 @@ def validate(fields: object) -> Request:
     if unknown:
         raise InvalidRequest(f"unknown field {min(unknown, key=str)!r}")
     _check_recipient_count(fields)
-    values = {rule.name: rule.full(fields.get(rule.name), rule.name) for rule in RULES}
+    kind = kind_of(fields)
+    names = KIND_FIELDS[kind]
+    for name in fields.keys() - names:
+        _not_of(kind)(fields[name], name)
+    _check_parts(fields, kind)
+    values = {rule.name: rule.full(fields.get(rule.name), rule.name) for rule in _RULES[kind]}
     del values["v"]  # checked; not part of a Request
+    if kind == "raw":
+        message: RawMessage = values.pop("raw")
+        recipients = values.pop("recipients") or message.recipients
+        if not recipients:
+            raise InvalidRequest("recipients: none given, and no To, Cc or Bcc in the message")
+        return Request(template=None, to=recipients, context={}, raw=message, **values)
+    values.setdefault("template", None)
+    values.setdefault("context", {})
     return Request(**values)
 
 
@@ -402,15 +556,22 @@ def validate(fields: object) -> Request:
 
 
 def request_fields(
-    template: str, options: EmailOptions, *, id: str | None = None, client: str | None = None
+    template: str | None,
+    options: EmailOptions | MessageOptions | RawOptions,
+    *,
+    id: str | None = None,
+    client: str | None = None,
 ) -> dict[str, Any]:
-    """A request's wire fields from `enqueue_email()`'s arguments, not yet checked.
+    """A request's wire fields from `enqueue_email()`'s arguments (or, without a template,
+    `enqueue_message()`'s or `enqueue_raw()`'s), not yet checked.
 
-    Files become base64, times ISO 8601, mappings and tuples JSON objects and lists; an
-    option given as None is absent. Without an `id` it gets a new one; without a `client`
-    the daemon sends no receipt.
+    Files and a raw message become base64, times ISO 8601, mappings and tuples JSON objects
+    and lists; an option given as None is absent. Without an `id` it gets a new one; without
+    a `client` the daemon sends no receipt.
     """
-    fields: dict[str, Any] = {"v": VERSION, "id": id or new_id(), "template": template, **options}
+    fields: dict[str, Any] = {"v": VERSION, "id": id or new_id(), **options}
+    if template is not None:
+        fields["template"] = template
     if client is not None:
         fields["client"] = client
     for name, value in options.items():
@@ -457,7 +618,18 @@ def _iso_time(moment: object) -> str:
     return moment.isoformat()
 
 
-_CONVERT: dict[str, Callable[[Any], Any]] = {"attachments": _attachment_list, "send_at": _iso_time}
+def _raw_data(message: Any) -> str:
+    message = message_bytes(message)
+    if len(message) > MAX_RAW_BYTES:
+        raise RequestTooLarge(f"raw: at most {MAX_RAW_BYTES} bytes are allowed")
+    return encode_raw(message)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "attachments": _attachment_list,
+    "send_at": _iso_time,
+    "raw": _raw_data,
+}
 
 
 def attachment_fields(attachment: Attachment) -> dict[str, str]:
@@ -537,13 +709,21 @@ def sender_of(frame: bytes) -> tuple[str, str] | None:
 
 def to_fields(request: Request) -> dict[str, Any]:
     """The wire form of a checked request: what the spool stores and `validate` reads back."""
-    fields: dict[str, Any] = {"v": VERSION, "id": request.id, "template": request.template}
-    for name in ADDRESS_LIST_FIELDS:
-        addresses = getattr(request, name)
-        if addresses or name == "to":
-            fields[name] = [str(a) for a in addresses]
-    fields["context"] = request.context
+    fields: dict[str, Any] = {"v": VERSION, "id": request.id}
+    if request.template is not None:
+        fields.update(template=request.template, context=request.context)
+    if request.raw is not None:
+        fields.update(raw=encode_raw(request.raw.data), recipients=[str(a) for a in request.to])
+    else:
+        for name in ADDRESS_LIST_FIELDS:
+            addresses = getattr(request, name)
+            if addresses or name == "to":
+                fields[name] = [str(a) for a in addresses]
     optional = {
+        "subject": request.subject,
+        "text": request.text,
+        "html": request.html,
+        "envelope_from": str(request.envelope_from) if request.envelope_from else None,
         "sender": str(request.sender) if request.sender else None,
         "headers": request.headers or None,
         "attachments": [attachment_fields(a) for a in request.attachments] or None,
@@ -553,5 +733,6 @@ def to_fields(request: Request) -> dict[str, Any]:
         "locale": request.locale,
         "client": request.client,
     }
-    fields.update((k, v) for k, v in optional.items() if v is not None)
+    names = KIND_FIELDS[request.kind]
+    fields.update((k, v) for k, v in optional.items() if v is not None and k in names)
     return fields

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from dispatcher.wire import PRIORITIES, Request, to_fields
+from dispatcher.wire import PRIORITIES, Request, label, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
@@ -34,7 +34,7 @@ class Incoming(NamedTuple):
         send_at, priority = fields.get("send_at"), fields.get("priority")
         return cls(
             fields["id"],
-            fields["template"],
+            label(fields),  # a template's name, or `(message)`, `(raw)`
             frame,
             PRIORITIES["normal"] if priority is None else PRIORITIES[priority],
             None if send_at is None else datetime.fromisoformat(send_at).timestamp(),
