@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import orjson
 
@@ -23,6 +24,7 @@ from dispatcher import wire
 from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
 from dispatcher.render import Renderer
+from dispatcher.settings import DkimSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +41,35 @@ class Failed:
 
 Result = RenderedMessage | Failed
 
+
+class RenderOptions(TypedDict, total=False):
+    """The `Renderer` options from the settings that a worker gets as the parent has them."""
+
+    locale: str
+    dkim: DkimSettings | None
+
+
 _worker_renderer: Renderer | None = None  # in a worker process: built once by `_start`
 
 
 def render_stored(renderer: Renderer, stored: bytes) -> Result:
     """Render one request as the spool holds it (its wire-form JSON)."""
     try:
-        return renderer.render(wire.validate(orjson.loads(stored)))
+        message = renderer.render(wire.validate(orjson.loads(stored)))
+        return renderer.signed(message)  # the last step of every message: DKIM, once
     except (TemplateError, InvalidRequest) as exc:
         return Failed(str(exc), permanent=True)
     except Exception as exc:  # a bug, or a resource running out: try again later, never lose it
         return Failed(f"internal error: {type(exc).__name__}: {exc}", permanent=False)
 
 
-def _start(templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int) -> None:
+def _start(
+    templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int, options: RenderOptions
+) -> None:
     global _worker_renderer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
-    _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+    _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload, **options)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -76,9 +89,16 @@ class RenderPool:
     """Renders batches of stored requests in `processes` workers (0: on the event loop)."""
 
     def __init__(
-        self, templates_dir: Path, mail_from: str, processes: int, *, auto_reload: bool = False
+        self,
+        templates_dir: Path,
+        mail_from: str,
+        processes: int,
+        *,
+        auto_reload: bool = False,
+        **options: Unpack[RenderOptions],
     ) -> None:
-        self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+        self.options = options  # the default locale and DKIM key, for the workers too
+        self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload, **options)
         self.auto_reload = auto_reload
         self.mail_from = mail_from
         self.processes = processes
@@ -124,6 +144,7 @@ class RenderPool:
                     self.mail_from,
                     self.auto_reload,
                     os.getpid(),
+                    self.options,
                 ),
             )
         return self.pool

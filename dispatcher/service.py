@@ -45,6 +45,8 @@ class Daemon:
             settings.mail.from_,
             settings.templates.render_processes,
             auto_reload=auto_reload,
+            locale=settings.templates.locale,
+            dkim=settings.dkim,
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))
         self.observer = Observer(settings, self.spool)

@@ -42,6 +42,9 @@ MAX_CONTEXT_BYTES = 64 * 1024  # the context as JSON
 MAX_HEADERS = 20  # extra headers of one request
 MAX_HEADER_CHARS = 900  # one extra header's value
 MAX_TEXT_CHARS = 200  # an id, idempotency key or locale
+MAX_TAGS = 10  # tags of one request
+MAX_METADATA_BYTES = 2048  # a request's metadata as JSON
+MAX_URL_CHARS = 900  # an unsubscribe URL (it becomes a header line)
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # Anchored with \Z, not $: `$` also matches before a final newline ("welcome\n").
 TEMPLATE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -49,10 +52,14 @@ REQUEST_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
 LOCALE = re.compile(r"\A[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*\Z")
 HEADER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]{0,75}\Z")
 MIME_TYPE = re.compile(r"\A[\w.+-]+/[\w.+-]+\Z")
+TAG = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
+TIMEZONE = re.compile(r"\A[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*\Z")
+# The left side of a Content-ID: what `cid:` URLs name (RFC 2392), kept to plain characters.
+CONTENT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9.-]{1,64})?\Z")
 # Headers the dispatcher writes itself; a request may not set or duplicate them.
 RESERVED_HEADERS = frozenset(
     "from to cc bcc reply-to sender subject date message-id mime-version content-type"
-    " content-transfer-encoding return-path received".split()
+    " content-transfer-encoding return-path received dkim-signature".split()
 )
 ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
 
@@ -64,6 +71,7 @@ class Attachment:
     filename: str
     content_type: str
     content: bytes
+    content_id: str | None = None  # inline: the HTML shows it as `cid:<content_id>`
 
 
 AttachmentInput = Attachment | tuple[str, bytes] | tuple[str, bytes, str]
@@ -88,6 +96,10 @@ class Request:
     idempotency_key: str | None = None
     locale: str | None = None
     client: str | None = None
+    timezone: str | None = None  # IANA name; dates in the template are shown in it
+    unsubscribe_url: str | None = None  # https; sent as RFC 8058 one-click List-Unsubscribe
+    tags: tuple[str, ...] = ()  # for `status --tag`; never metric labels
+    metadata: dict[str, Any] = field(default_factory=dict)  # the sender's own, kept as given
 
     @property
     def recipients(self) -> list[str]:
@@ -111,6 +123,10 @@ class EmailOptions(TypedDict, total=False):
     priority: str  # "high", "normal" or "low"
     idempotency_key: str | None
     locale: str | None
+    timezone: str | None  # an IANA time zone name such as "Europe/Vienna"
+    unsubscribe_url: str | None  # https URL for List-Unsubscribe (RFC 8058 one-click)
+    tags: Sequence[str] | None  # at most MAX_TAGS short names; `dispatcher status --tag`
+    metadata: Mapping[str, Any] | None  # at most MAX_METADATA_BYTES as JSON; stored, not sent
 
 
 # -- the rules ---------------------------------------------------------------------------------
@@ -273,6 +289,11 @@ def _attachment(item: object, where: str) -> Attachment:
     check_header_text(filename, f"{where}.filename")
     if not isinstance(content_type, str) or not MIME_TYPE.match(content_type):
         raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
+    content_id = item.get("content_id")
+    if not (content_id is None or (isinstance(content_id, str) and CONTENT_ID.match(content_id))):
+        raise InvalidRequest(
+            f"{where}.content_id: expected a name such as 'logo' (letters, digits, '.', '_', '-')"
+        )
     try:
         content = base64.b64decode(item["data"], validate=True)
     except (ValueError, TypeError):
@@ -281,7 +302,7 @@ def _attachment(item: object, where: str) -> Attachment:
         raise InvalidRequest(
             f"{where}: {len(content)} bytes, at most {MAX_ATTACHMENT_BYTES} bytes per file"
         )
-    return Attachment(filename, content_type, content)
+    return Attachment(filename, content_type, content, content_id)
 
 
 def _send_at(value: object, name: str) -> datetime | None:
@@ -303,6 +324,62 @@ def _priority(value: object, name: str) -> str:
     if value not in PRIORITIES:
         raise InvalidRequest(f"{name}: {value!r} is not one of high, normal, low")
     return str(value)
+
+
+def _timezone(value: object, name: str) -> str | None:
+    """An IANA zone name that this machine's zoneinfo knows (imported here: only a request
+    naming a zone pays for it)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= 64 and TIMEZONE.match(value):
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+            return value
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    raise InvalidRequest(f"{name}: {value!r} is not an IANA time zone such as Europe/Vienna")
+
+
+def check_unsubscribe_url(value: object, name: str) -> str | None:
+    """An https URL that can stand in `List-Unsubscribe: <url>` as it is: printable ASCII,
+    no space, no CR or LF, no angle brackets."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("https://"):
+        raise InvalidRequest(f"{name}: expected an https:// URL (RFC 8058 one-click)")
+    if len(value) > MAX_URL_CHARS or not value.isascii() or not value.isprintable():
+        raise InvalidRequest(f"{name}: printable ASCII of at most {MAX_URL_CHARS} characters")
+    if any(char in value for char in ' <>"') or len(value) == len("https://"):
+        raise InvalidRequest(f"{name}: {value!r} is not a valid URL (space, '<', '>' or '\"')")
+    return value
+
+
+def check_tags(value: object, name: str) -> tuple[str, ...]:
+    """At most MAX_TAGS names of letters, digits and `_ . : -`, each once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name}: expected a list of tag names")
+    if len(value) > MAX_TAGS:
+        raise InvalidRequest(f"{name}: {len(value)} tags, at most {MAX_TAGS} are allowed")
+    for index, tag in enumerate(value):
+        if not isinstance(tag, str) or not TAG.match(tag):
+            raise InvalidRequest(
+                f"{name}[{index}]: {tag!r} is not a tag (up to 64 letters, digits, '_.:-')"
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def _metadata(value: object, name: str) -> dict[str, Any]:
+    metadata = _object(value, name)
+    size = len(_json(metadata)) if metadata else 0
+    if size > MAX_METADATA_BYTES:
+        raise RequestTooLarge(
+            f"{name}: {size} bytes as JSON, at most {MAX_METADATA_BYTES} bytes are allowed"
+        )
+    return metadata
 
 
 RULES = (
@@ -327,6 +404,10 @@ RULES = (
     Rule("priority", _priority, _priority),
     Rule("idempotency_key", _text(), _text()),
     Rule("locale", _text(LOCALE), _text(LOCALE), LOCALE),
+    Rule("timezone", _timezone, _timezone),
+    Rule("unsubscribe_url", check_unsubscribe_url, check_unsubscribe_url),
+    Rule("tags", check_tags, check_tags),
+    Rule("metadata", _metadata, _metadata),
 )
 REQUIRED = ("v", "template", "to")
 Shape = tuple[re.Pattern[str] | None, Check | None]  # a rule's `plain` and `shape`
@@ -395,6 +476,10 @@ def validate(fields: object) -> Request:
     _check_recipient_count(fields)
     values = {rule.name: rule.full(fields.get(rule.name), rule.name) for rule in RULES}
     del values["v"]  # checked; not part of a Request
+    if values["unsubscribe_url"] and any(
+        header.lower().startswith("list-unsubscribe") for header in values["headers"]
+    ):
+        raise InvalidRequest("headers: List-Unsubscribe is written from unsubscribe_url; set one")
     return Request(**values)
 
 
@@ -462,11 +547,14 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {"attachments": _attachment_list, "s
 
 def attachment_fields(attachment: Attachment) -> dict[str, str]:
     """An attachment in wire form."""
-    return {
+    fields = {
         "filename": attachment.filename,
         "content_type": attachment.content_type,
         "data": base64.b64encode(attachment.content).decode("ascii"),
     }
+    if attachment.content_id is not None:
+        fields["content_id"] = attachment.content_id
+    return fields
 
 
 def encode(fields: dict[str, Any]) -> bytes:
@@ -552,6 +640,10 @@ def to_fields(request: Request) -> dict[str, Any]:
         "idempotency_key": request.idempotency_key,
         "locale": request.locale,
         "client": request.client,
+        "timezone": request.timezone,
+        "unsubscribe_url": request.unsubscribe_url,
+        "tags": list(request.tags) or None,
+        "metadata": request.metadata or None,
     }
     fields.update((k, v) for k, v in optional.items() if v is not None)
     return fields
