@@ -230,6 +230,17 @@ class Renderer:
         found = locales.file_locales(self._folder(name)) + self._catalogs.locales()
         return list(dict.fromkeys((default, *sorted(found))))
 
+    def tagged(self, tag: str) -> list[str]:
+        """The templates whose template.yaml gives `tag` (one that does not load gives none)."""
+        found = []
+        for name in self.template_names():
+            try:
+                if tag in self.defaults(name).tags:
+                    found.append(name)
+            except TemplateError:
+                continue
+        return found
+
     def defaults(self, name: str) -> TemplateDefaults:
         """The template's template.yaml, read once unless templates reload."""
         found = self._defaults.get(name)
@@ -286,14 +297,13 @@ class Renderer:
 
         A sample's `_locale` and `_timezone` keys become the request's locale and timezone;
         `locale`, when given, wins over the sample's."""
-        context = dict(context)
-        sample_locale = context.pop(SAMPLE_LOCALE, None)
+        context, sample_locale, timezone = split_sample(context)
         fields = {
             "v": VERSION,
             "template": name,
             "to": to,
             "locale": locale or sample_locale,
-            "timezone": context.pop(SAMPLE_TIMEZONE, None),
+            "timezone": timezone,
             "context": context,
         }
         return self.render(validate({k: v for k, v in fields.items() if v is not None}))
@@ -423,6 +433,13 @@ class Renderer:
         return f"{shown}:{line}" if line else shown
 
 
+def split_sample(context: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """A preview.yaml sample as (context, locale, timezone): its `_locale` and `_timezone`
+    keys are the request's, not the template's."""
+    rest = {k: v for k, v in context.items() if k not in (SAMPLE_LOCALE, SAMPLE_TIMEZONE)}
+    return rest, context.get(SAMPLE_LOCALE), context.get(SAMPLE_TIMEZONE)
+
+
 @dataclass(frozen=True, slots=True)
 class CheckReport:
     """What `dispatcher check` found: each failure fails the command, warnings do not."""
@@ -433,7 +450,8 @@ class CheckReport:
 
 
 def check_templates(renderer: Renderer) -> CheckReport:
-    """Compile every template file, then build the full message for every sample context.
+    """Compile every template file, check each template.yaml, then build the full message for
+    every sample context in every locale the template has.
 
     A template without samples is only compiled: rendering it with an empty context would fail
     on its first variable and say nothing useful, so it gets a warning instead.
@@ -447,6 +465,7 @@ def check_templates(renderer: Renderer) -> CheckReport:
             warnings.append(f"{name}: no body.txt; the text part is derived from body.html")
         try:
             samples = renderer.samples(name)
+            locales_of = renderer.locales(name)  # reads template.yaml: its errors fail here
         except TemplateError as exc:
             if str(exc) not in failures:  # a folder linked outside: outside_links() said so
                 failures.append(str(exc))
@@ -454,11 +473,15 @@ def check_templates(renderer: Renderer) -> CheckReport:
         if not samples:
             warnings.append(f"{name}: no samples in preview.yaml; compiled but not rendered")
         for sample, context in samples.items():
-            try:
-                renderer.render_example(name, context)
-            except (TemplateError, InvalidRequest) as exc:
-                if str(exc) not in failures:  # a compile error fails every sample alike
-                    failures.append(f"{exc} [template {name}, sample {sample}]")
+            own = context.get(SAMPLE_LOCALE)
+            tried = dict.fromkeys([*locales_of, *([own] if isinstance(own, str) else [])])
+            for locale in tried:
+                try:
+                    renderer.render_example(name, context, locale=locale)
+                except (TemplateError, InvalidRequest) as exc:
+                    shown = f", locale {locale}" if len(tried) > 1 else ""
+                    if str(exc) not in failures:  # a compile error fails every sample alike
+                        failures.append(f"{exc} [template {name}, sample {sample}{shown}]")
     return CheckReport(len(names), failures, warnings)
 
 
