@@ -16,8 +16,8 @@ from tests.content_templates import CONTEXT, write_order_templates
 from tests.test_render import MAIL_FROM, make_templates, parse
 
 
-def subject_and_html(renderer: Renderer, locale: str | None, name: str = "order") -> tuple[str, str]:
-    parts = renderer.render_parts(name, CONTEXT, locale=locale)
+def subject_and_html(renderer: Renderer, locale: str | None) -> tuple[str, str]:
+    parts = renderer.render_parts("order", CONTEXT, locale=locale)
     return parts.subject, parts.html or ""
 
 
