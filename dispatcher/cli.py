@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, action="append", metavar="ADDR")
     send_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
     send_cmd.add_argument("--sample", metavar="NAME", help="a sample from preview.yaml")
+    send_cmd.add_argument("--locale", help="e.g. de-AT (default: the sample's, else the default)")
     render_cmd = command("render", render, "print what would be sent, without sending")
     render_cmd.add_argument("template", metavar="NAME")
     render_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
@@ -147,11 +148,19 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def send(settings: Settings, args: argparse.Namespace) -> int:
     """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
     from dispatcher.client import Client
+    from dispatcher.render import split_sample
 
     renderer = _renderer(settings)
     context, sample = _template_context(renderer, args)
+    context, locale, timezone = split_sample(context)
     with Client(settings) as client:
-        request_id = client.enqueue_email(args.template, to=args.to, context=context)
+        request_id = client.enqueue_email(
+            args.template,
+            to=args.to,
+            context=context,
+            locale=args.locale or locale,
+            timezone=timezone,
+        )
         acknowledged = client.flush(2 * settings.client.ack_timeout)
     if sample and not args.sample:
         print(f"no --context: sent with sample {sample!r} of {args.template}", file=sys.stderr)

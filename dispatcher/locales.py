@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from babel.core import Locale
     from babel.support import Translations
 
-LOCALES_DIR = "_locales"  # gettext catalogs: _locales/<locale>/LC_MESSAGES/messages.mo
+LOCALES_DIR = "_locales"
+# Entries a look-up cache keeps before it starts again: requests choose their locale, so a flood
+# of made-up ones must not grow the daemon without bound.
+MAX_CACHED = 4096  # gettext catalogs: _locales/<locale>/LC_MESSAGES/messages.mo
 # `subject.de-AT.txt`: a template file's name with a locale between stem and extension.
 VARIANT = re.compile(r"\A(?:subject|body)\.([A-Za-z]{2,8}(?:-[A-Za-z0-9]{1,8})*)\.(?:txt|html)\Z")
 # The locale chain of the render in progress: layouts are looked up along it (see join_path).
@@ -32,6 +35,7 @@ current_chain: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def normalize(tag: str) -> str:
     """`de_at` → `de-AT`, `zh_hant_tw` → `zh-Hant-TW`: one spelling, as files are named."""
     language, *rest = re.split(r"[-_]", tag)
@@ -46,6 +50,7 @@ def normalize(tag: str) -> str:
     return "-".join(parts)
 
 
+@functools.lru_cache(maxsize=256)
 def chain(tag: str) -> tuple[str, ...]:
     """The fallback chain of a locale, most specific first: `de-AT` → (`de-AT`, `de`)."""
     parts = normalize(tag).split("-")
@@ -92,6 +97,8 @@ class Variants:
             None,
         )
         if self._found is not None:
+            if len(self._found) >= MAX_CACHED:
+                self._found.clear()
             self._found[key] = found
         return found
 
@@ -278,6 +285,8 @@ class Catalogs:
             loaded = Translations.load(str(self.folder), names)
             found = loaded if isinstance(loaded, Translations) else None
         if self._cache is not None:
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
             self._cache[locales] = found
         return found
 

@@ -45,8 +45,10 @@ def test_a_new_user_sends_localized_signed_mail_with_an_inline_logo(
     # Render workers, as in production: the worker processes need the key too.
     daemon = run_daemon(settings, render_processes=1)
     dispatcher.configure(settings)
+    smtp_server.fail_data_per_message(1)  # every message is sent twice: the retry re-signs nothing
+    ids = {}
     for locale in ("de", "de-AT", "fr", "ja"):
-        dispatcher.enqueue_email(
+        ids[locale] = dispatcher.enqueue_email(
             "order",
             to=f"{locale}@example.com",
             context=CONTEXT,
@@ -90,6 +92,10 @@ def test_a_new_user_sends_localized_signed_mail_with_an_inline_logo(
         assert not dkim.verify(changed, dnsfunc=dns_stub(record))
 
     with SqliteReader(daemon.settings.spool.path) as spool:
+        for locale, request_id in ids.items():
+            report = spool.inspect(request_id)
+            assert report is not None and len(report["attempt_log"]) == 2
+            assert report["message"] == received[locale].data  # signed once, sent as stored
         assert spool.tag_counts("spring-sale")["sent"] == 4
         assert spool.tag_counts("orders")["sent"] == 0  # the template's tag, without its name
         assert spool.tag_counts("orders", ["order"])["sent"] == 4
