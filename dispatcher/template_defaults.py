@@ -3,7 +3,6 @@ says otherwise (sender, Reply-To, extra headers, tags, locale, unsubscribe URL).
 """
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,3 @@ def _build(raw: dict[str, Any]) -> TemplateDefaults:
         locale=locale,
         unsubscribe_url=check_unsubscribe_url(raw.get("unsubscribe_url"), "unsubscribe_url"),
     )
-
-
-def exists(folder: Path) -> bool:
-    return os.path.isfile(folder / FILE)

@@ -151,3 +151,18 @@ def test_a_key_that_does_not_fit_the_algorithm_is_a_settings_error(tmp_path: Pat
     with pytest.raises(SettingsError, match=r"dkim\.key_file: cannot read"):
         Signer(DkimSettings("example.com", "s1", tmp_path / "missing", "rsa-sha256"))
     assert base64.b64decode(key.read_bytes())  # keygen wrote what dkimpy reads
+
+
+def test_check_reads_the_dkim_key_and_says_what_it_signs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dispatcher.cli import main
+
+    key, _, _ = dispatcher_dkim.keygen("s1", tmp_path, "ed25519-sha256")
+    dkim_settings = {"domain": "example.com", "selector": "s1", "algorithm": "ed25519-sha256"}
+    good = write_settings(tmp_path, 1025, dkim={**dkim_settings, "key_file": str(key)})
+    assert main(["check", "--settings", str(good)]) == 0
+    assert f"dkim: key {key} signs mail from example.com" in capsys.readouterr().out
+    bad = write_settings(tmp_path, 1025, dkim={**dkim_settings, "key_file": "missing.key"})
+    assert main(["check", "--settings", str(bad)]) == 2
+    assert "dispatcher: dkim.key_file: cannot read" in capsys.readouterr().err
