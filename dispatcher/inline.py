@@ -58,7 +58,7 @@ class InlineImages:
 def missing_cids(html: str, inline: Iterable[Attachment]) -> list[str]:
     """The `cid:` URLs in `html` that no inline part answers: a reader would show a broken
     image, so the message is refused instead."""
-    if "cid:" not in html.lower():
+    if "cid:" not in html and "CID:" not in html:  # not lower(): a copy of the whole part
         return []
     known = {a.content_id for a in inline}
     return sorted({unquote(m[1]) for m in _CID_URL.finditer(html)} - known)

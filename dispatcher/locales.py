@@ -9,6 +9,7 @@ pays for it.
 
 import contextvars
 import functools
+import gettext
 import os
 import re
 from collections.abc import Callable
@@ -291,7 +292,7 @@ class Catalogs:
         return found
 
 
-def gettext_callables(translations: "Translations") -> dict[str, Any]:
+def gettext_callables(translations: "gettext.NullTranslations") -> dict[str, Any]:
     """What the i18n extension calls, bound to one catalog: passed in the render's context,
     so one environment serves every locale without swapping globals."""
     return {
@@ -301,3 +302,6 @@ def gettext_callables(translations: "Translations") -> dict[str, Any]:
         "pgettext": translations.pgettext,
         "npgettext": translations.npgettext,
     }
+
+
+NO_CATALOG = gettext_callables(gettext.NullTranslations())  # strings stay as written

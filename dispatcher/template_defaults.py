@@ -31,6 +31,8 @@ class TemplateDefaults:
     def apply(self, request: Request) -> Request:
         """The request with these defaults where it has no value of its own; tags are added
         to its own, headers it sets itself win by name."""
+        if self is NONE:  # most templates have no template.yaml: no copy of the request
+            return request
         own_headers = {name.lower() for name in request.headers}
         headers = {k: v for k, v in self.headers.items() if k.lower() not in own_headers}
         unsubscribe = request.unsubscribe_url
