@@ -52,10 +52,12 @@ REQUEST_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
 LOCALE = re.compile(r"\A[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*\Z")
 HEADER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]{0,75}\Z")
 MIME_TYPE = re.compile(r"\A[\w.+-]+/[\w.+-]+\Z")
-TAG = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-TIMEZONE = re.compile(r"\A[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*\Z")
-# The left side of a Content-ID: what `cid:` URLs name (RFC 2392), kept to plain characters.
-CONTENT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9.-]{1,64})?\Z")
+# Patterns of optional fields, compiled on first use (re's cache), not at import: the client
+# imports this module at an app's boot.
+TAG = r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
+TIMEZONE = r"\A[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*\Z"
+# A Content-ID as `cid:` URLs name it (RFC 2392), kept to plain characters.
+CONTENT_ID = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9.-]{1,64})?\Z"
 # Headers the dispatcher writes itself; a request may not set or duplicate them.
 RESERVED_HEADERS = frozenset(
     "from to cc bcc reply-to sender subject date message-id mime-version content-type"
@@ -290,7 +292,8 @@ def _attachment(item: object, where: str) -> Attachment:
     if not isinstance(content_type, str) or not MIME_TYPE.match(content_type):
         raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
     content_id = item.get("content_id")
-    if not (content_id is None or (isinstance(content_id, str) and CONTENT_ID.match(content_id))):
+    plain_id = isinstance(content_id, str) and re.match(CONTENT_ID, content_id)
+    if not (content_id is None or plain_id):
         raise InvalidRequest(
             f"{where}.content_id: expected a name such as 'logo' (letters, digits, '.', '_', '-')"
         )
@@ -331,7 +334,7 @@ def _timezone(value: object, name: str) -> str | None:
     naming a zone pays for it)."""
     if value is None:
         return None
-    if isinstance(value, str) and len(value) <= 64 and TIMEZONE.match(value):
+    if isinstance(value, str) and len(value) <= 64 and re.match(TIMEZONE, value):
         import zoneinfo
 
         try:
@@ -365,7 +368,7 @@ def check_tags(value: object, name: str) -> tuple[str, ...]:
     if len(value) > MAX_TAGS:
         raise InvalidRequest(f"{name}: {len(value)} tags, at most {MAX_TAGS} are allowed")
     for index, tag in enumerate(value):
-        if not isinstance(tag, str) or not TAG.match(tag):
+        if not isinstance(tag, str) or not re.match(TAG, tag):
             raise InvalidRequest(
                 f"{name}[{index}]: {tag!r} is not a tag (up to 64 letters, digits, '_.:-')"
             )
