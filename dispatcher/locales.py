@@ -147,12 +147,9 @@ def zone(name: str | None) -> tzinfo:
 def _moment(value: object, name: str) -> datetime | date:
     """A context value as a date or an aware datetime: JSON carries them as ISO 8601 text."""
     if isinstance(value, str):
+        parse = datetime.fromisoformat if "T" in value or " " in value else date.fromisoformat
         try:
-            value = (
-                datetime.fromisoformat(value)
-                if "T" in value or " " in value
-                else (date.fromisoformat(value))
-            )
+            value = parse(value)
         except ValueError:
             raise ValueError(f"{name}: {value!r} is not an ISO 8601 date or time") from None
     if isinstance(value, datetime):
