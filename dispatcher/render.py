@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import css_inline
 import jinja2
@@ -115,6 +115,17 @@ def template_environment(
     return env
 
 
+class _Plan(NamedTuple):
+    """How one template renders in one locale: its files, and what the render's context gets."""
+
+    chain: tuple[str, ...]  # the locales files and layouts are looked up along
+    locale: str  # the mail's: formatting and <html lang>
+    subject: str
+    html: str | None
+    text: str | None
+    gettext: dict[str, Any]  # the i18n extension's callables
+
+
 class Renderer:
     """Renders named templates from one folder; `render` also composes the full message.
 
@@ -144,6 +155,7 @@ class Renderer:
         self._known: frozenset[str] = frozenset()
         self._auto_reload = auto_reload
         self._defaults: dict[str, TemplateDefaults] = {}
+        self._plans: dict[tuple[str, str | None], _Plan] = {}
         self._images: dict[Path, Attachment] = {}
         self.signer = None
         if dkim is not None:
@@ -172,27 +184,26 @@ class Renderer:
         """Render subject, HTML and text, each from its variant for `locale` (else the
         template's or the default locale); the text is derived from the HTML without a
         body.txt."""
-        chain, mail_locale = self._locales(name, locale)
+        plan = self._plans.get((name, locale)) or self._plan(name, locale)
         images = InlineImages(lambda filename: self._inline_file(name, filename))
-        context = {**context, "locale": mail_locale, "timezone": timezone, "inline": images}
-        catalog = self._catalogs.get(chain)
-        context.update(
-            locales.NO_CATALOG if catalog is None else locales.gettext_callables(catalog)
-        )
-        token = locales.current_chain.set(chain)
+        context = {
+            **context,
+            "locale": plan.locale,
+            "timezone": timezone,
+            "inline": images,
+            **plan.gettext,
+        }
+        token = locales.current_chain.set(plan.chain)
         try:
-            return self._parts(name, chain, context, images)
+            return self._parts(name, plan, context, images)
         finally:
             locales.current_chain.reset(token)
 
     def _parts(
-        self, name: str, chain: tuple[str, ...], context: dict[str, Any], images: InlineImages
+        self, name: str, plan: "_Plan", context: dict[str, Any], images: InlineImages
     ) -> Parts:
-        subject_file = self._variants.find(f"{name}/subject.txt", chain) or f"{name}/subject.txt"
-        html_file = self._variants.find(f"{name}/body.html", chain)
-        text_file = self._variants.find(f"{name}/body.txt", chain)
-        subject = " ".join(self._render(subject_file, context).split())
-        where = f"{self.templates_dir.name}/{subject_file}"  # as _where() would write it
+        subject = " ".join(self._render(plan.subject, context).split())
+        where = f"{self.templates_dir.name}/{plan.subject}"  # as _where() would write it
         if not subject:
             raise TemplateError("subject is empty", where)
         try:
@@ -200,32 +211,45 @@ class Renderer:
         except InvalidRequest as exc:
             raise TemplateError(str(exc), where) from None
         html = None
-        if html_file is not None:
-            html = self._render(html_file, context)
-            html = inline_css(html, f"{self.templates_dir.name}/{html_file}")
-        if text_file is not None:
-            text = self._render(text_file, context)
+        if plan.html is not None:
+            html = self._render(plan.html, context)
+            html = inline_css(html, f"{self.templates_dir.name}/{plan.html}")
+        if plan.text is not None:
+            text = self._render(plan.text, context)
         elif html is not None:
             text = html_to_text(html)
         else:  # the folder lost its bodies since the last scan
             raise TemplateError(f"unknown template {name!r}")
         return Parts(subject=subject, html=html, text=text, inline=tuple(images.images.values()))
 
-    def _locales(self, name: str, asked: str | None) -> tuple[tuple[str, ...], str]:
-        """The chain files are looked up along, and the locale the mail is written in: the
+    def _plan(self, name: str, asked: str | None) -> "_Plan":
+        """Which files a mail in locale `asked` renders, and the locale it is written in: the
         one asked for when the template has a variant or catalog on its chain, else the
-        default, so that a mail falling back to the default text is formatted to match."""
+        default, so that a mail falling back to the default text is formatted to match.
+        Kept unless templates reload, as Jinja keeps what it compiled."""
         default = locales.normalize(self.defaults(name).locale or self.default_locale)
         chain = locales.chain(asked or default)
-        if asked is None:
-            return chain, chain[0]
-        for file in ("subject.txt", *BODY_FILES):
-            found = self._variants.find(f"{name}/{file}", chain)
-            if found is not None and found != f"{name}/{file}":
-                return chain, chain[0]
-        if self._catalogs.get(chain) is not None:
-            return chain, chain[0]
-        return chain, default
+        subject, html, text = (
+            self._variants.find(f"{name}/{file}", chain) for file in ("subject.txt", *BODY_FILES)
+        )
+        catalog = self._catalogs.get(chain)
+        localized = catalog is not None or any(
+            found is not None and not found.endswith(("/subject.txt", "/body.html", "/body.txt"))
+            for found in (subject, html, text)
+        )
+        plan = _Plan(
+            chain,
+            chain[0] if asked is None or localized else default,
+            subject or f"{name}/subject.txt",
+            html,
+            text,
+            locales.NO_CATALOG if catalog is None else locales.gettext_callables(catalog),
+        )
+        if not self._auto_reload:
+            if len(self._plans) >= locales.MAX_CACHED:
+                self._plans.clear()
+            self._plans[name, asked] = plan
+        return plan
 
     def locales(self, name: str) -> list[str]:
         """The locales the template has variants or catalogs for, its default first."""
