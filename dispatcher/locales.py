@@ -104,10 +104,21 @@ class Variants:
         return found
 
 
+class LocalizedContext(jinja2.runtime.Context):
+    """A render's variables, and gettext's callables when the render has no catalog: Jinja's
+    documented hook, so that no render pays for copying them into its context."""
+
+    def resolve_or_missing(self, key: str) -> Any:
+        found = super().resolve_or_missing(key)
+        return NO_CATALOG.get(key, found) if found is jinja2.utils.missing else found
+
+
 class LocalizedEnvironment(jinja2.sandbox.SandboxedEnvironment):
     """The sandbox, with `{% extends %}` and `{% include %}` resolved to the variant of the
-    named file for the locale chain of the render in progress."""
+    named file for the locale chain of the render in progress, and gettext without a catalog
+    leaving strings as written."""
 
+    context_class = LocalizedContext
     variants: Variants | None = None
 
     def join_path(self, template: str, parent: str) -> str:

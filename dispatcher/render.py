@@ -123,7 +123,7 @@ class _Plan(NamedTuple):
     subject: str
     html: str | None
     text: str | None
-    gettext: dict[str, Any]  # the i18n extension's callables
+    gettext: dict[str, Any]  # the i18n extension's callables of its catalog, if it has one
 
 
 class Renderer:
@@ -243,7 +243,7 @@ class Renderer:
             subject or f"{name}/subject.txt",
             html,
             text,
-            locales.NO_CATALOG if catalog is None else locales.gettext_callables(catalog),
+            {} if catalog is None else locales.gettext_callables(catalog),
         )
         if not self._auto_reload:
             if len(self._plans) >= locales.MAX_CACHED:

@@ -134,3 +134,19 @@ def test_preview_lists_the_locales_and_renders_a_sample_in_each(tmp_path: Path) 
     assert parse(french)["Subject"] == "Votre commande 42"
     vienna = app.handle("/templates/order/vienna/html").body.decode()  # the sample's _locale
     assert "2. März 2025" in vienna and "€\xa01.234,50" in vienna
+
+
+def test_without_a_catalog_gettext_leaves_strings_as_written(tmp_path: Path) -> None:
+    templates = make_templates(
+        tmp_path,
+        {
+            "t/subject.txt": (
+                "{{ _('Welcome') }}"
+                " {% trans count=2 %}{{ count }} item{% pluralize %}{{ count }} items{% endtrans %}"
+            ),
+            "t/body.html": "<p>{% trans %}Hello {{ name }}{% endtrans %}</p>",
+        },
+    )
+    parts = Renderer(templates, MAIL_FROM).render_parts("t", {"name": "<Ada>"}, locale="de")
+    assert parts.subject == "Welcome 2 items"
+    assert parts.html == "<p>Hello &lt;Ada&gt;</p>"
