@@ -113,7 +113,7 @@ def _body(parts: Parts, request: Request, seed: str) -> mime.Part:
     files = [a for a in request.attachments if not a.content_id]
     if parts.html is None:  # nothing shows them inline: they go as files
         files[:0], inline = inline, ()
-    elif missing := missing_cids(parts.html, inline):
+    elif inline and (missing := missing_cids(parts.html, inline)):
         raise TemplateError(f"cannot build the message: no inline image for cid:{missing[0]}")
     mixed = next(boundaries) if files else ""
     body = mime.text_part(parts.text, "plain")

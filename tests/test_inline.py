@@ -80,11 +80,11 @@ def test_a_request_carries_its_own_inline_image(tmp_path: Path) -> None:
 
 
 def test_a_cid_without_its_image_is_refused(tmp_path: Path) -> None:
-    templates = make_templates(
-        tmp_path, {"hello/subject.txt": "Hi", "hello/body.html": '<img src="cid:nothing">'}
-    )
+    html = '<img src="cid:chart"><img src="cid:nothing">'
+    templates = make_templates(tmp_path, {"hello/subject.txt": "Hi", "hello/body.html": html})
+    chart = Attachment("chart.png", "image/png", LOGO, content_id="chart")
     with pytest.raises(TemplateError, match="no inline image for cid:nothing"):
-        Renderer(templates, MAIL_FROM).render(request())
+        Renderer(templates, MAIL_FROM).render(request(attachments=(chart,)))
 
 
 def test_a_bad_content_id_is_refused_at_once() -> None:
