@@ -12,7 +12,7 @@ import functools
 import gettext
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -125,6 +125,12 @@ class LocalizedEnvironment(jinja2.sandbox.SandboxedEnvironment):
 
     context_class = LocalizedContext
     variants: Variants | None = None
+
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        """A plain dict rather than Jinja's ChainMap: each of a mail's three contexts copies
+        its template's globals, and a ChainMap costs a Python call per global. Globals are
+        set before any template loads, as Jinja asks, so a snapshot sees the same."""
+        return {**self.globals, **(d or {})}
 
     def join_path(self, template: str, parent: str) -> str:
         locales = current_chain.get()
