@@ -90,6 +90,15 @@ def status_table(
     return "\n".join(lines)
 
 
+def tag_table(spool: str, tag: str, counts: dict[str, int], templates: list[str]) -> str:
+    """`dispatcher status --tag NAME`: requests per state that carry the tag."""
+    lines = [f"spool {spool}", f"tag {tag}", "", f"{'state':<10}{'requests':>10}"]
+    lines += [f"{state:<10}{n:>10}" for state, n in counts.items()]
+    if templates:
+        lines += ["", f"counted with every request of: {', '.join(templates)} (template.yaml)"]
+    return "\n".join(lines)
+
+
 def inspect_report(report: dict[str, Any], at: float) -> str:
     """`dispatcher inspect ID`: the request, every attempt with its reply, the message."""
     names = {number: name for name, number in PRIORITIES.items()}
@@ -113,6 +122,10 @@ def inspect_report(report: dict[str, Any], at: float) -> str:
         lines.append(f"refused      {recipient}: {reply}")
     if report["last_reply"]:
         lines.append(f"last reply   {report['last_reply']}")
+    if report["request"].get("tags"):
+        lines.append(f"tags         {', '.join(report['request']['tags'])}")
+    if report["request"].get("metadata"):
+        lines.append(f"metadata     {orjson.dumps(report['request']['metadata']).decode()}")
     lines += ["", f"attempts ({len(report['attempt_log'])}):"]
     for attempt in report["attempt_log"]:
         took = attempt["finished_at"] and f"{attempt['finished_at'] - attempt['started_at']:.2f} s"

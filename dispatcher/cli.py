@@ -73,14 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, action="append", metavar="ADDR")
     send_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
     send_cmd.add_argument("--sample", metavar="NAME", help="a sample from preview.yaml")
+    send_cmd.add_argument("--locale", help="e.g. de-AT (default: the sample's, else the default)")
     render_cmd = command("render", render, "print what would be sent, without sending")
     render_cmd.add_argument("template", metavar="NAME")
     render_cmd.add_argument("--context", type=Path, metavar="FILE", help="YAML or JSON context")
     render_cmd.add_argument("--sample", metavar="NAME", help="a sample from preview.yaml")
     render_cmd.add_argument("--to", default="recipient@example.com", metavar="ADDR")
     render_cmd.add_argument("--format", choices=["eml", "html", "text"], default="eml")
+    render_cmd.add_argument(
+        "--locale", help="e.g. de-AT; default: the sample's, else templates.locale"
+    )
     status_cmd = command("status", status, "spool counts, oldest waiting request, recent failures")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.add_argument("--tag", metavar="NAME", help="count only requests with this tag")
     check_cmd = command(
         "check", check, "validate settings; compile and render every template sample"
     )
@@ -107,9 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     preview_cmd.add_argument("--port", type=int, default=8025, help="default: 8025")
     dev_cmd = command("dev", dev, "daemon + capture SMTP server (smtp.port) + preview UI")
     dev_cmd.add_argument("--port", type=int, default=8025, help="the UI's port; default: 8025")
-    keygen_cmd = command("keygen", keygen, "write a CURVE key pair (NAME.key, NAME.key_secret)")
+    keygen_cmd = command(
+        "keygen", keygen, "write a CURVE key pair (NAME.key, NAME.key_secret), or with --dkim"
+        " a DKIM key for selector NAME (NAME.dkim.key, NAME.dkim.txt) and print its DNS record"
+    )  # fmt: skip
     keygen_cmd.add_argument("name", metavar="NAME")
     keygen_cmd.add_argument("--dir", type=Path, default=Path("keys"), help="default: ./keys")
+    keygen_cmd.add_argument("--dkim", action="store_true", help="a DKIM signing key")
+    keygen_cmd.add_argument(
+        "--algorithm",
+        choices=["rsa-sha256", "ed25519-sha256"],
+        help="with --dkim; default: dkim.algorithm, else rsa-sha256",
+    )
     return parser
 
 
@@ -141,12 +155,19 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def send(settings: Settings, args: argparse.Namespace) -> int:
     """Enqueue one request and wait for its receipt; without one it is spilled, not lost."""
     from dispatcher.client import Client
-    from dispatcher.render import Renderer
+    from dispatcher.render import split_sample
 
-    renderer = Renderer(settings.templates.dir, settings.mail.from_)
+    renderer = _renderer(settings)
     context, sample = _template_context(renderer, args)
+    context, locale, timezone = split_sample(context)
     with Client(settings) as client:
-        request_id = client.enqueue_email(args.template, to=args.to, context=context)
+        request_id = client.enqueue_email(
+            args.template,
+            to=args.to,
+            context=context,
+            locale=args.locale or locale,
+            timezone=timezone,
+        )
         acknowledged = client.flush(2 * settings.client.ack_timeout)
         unsaved = client.unsaved
     if sample and not args.sample:
@@ -169,18 +190,28 @@ def send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def render(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher.render import Renderer
+    from dispatcher.render import split_sample
 
-    renderer = Renderer(settings.templates.dir, settings.mail.from_)
+    renderer = _renderer(settings)
     context, _ = _template_context(renderer, args)
     if args.format == "eml":
-        sys.stdout.buffer.write(renderer.render_example(args.template, context, args.to).data)
+        message = renderer.render_example(args.template, context, args.to, args.locale)
+        sys.stdout.buffer.write(message.data)
         return 0
-    parts = renderer.render_parts(args.template, context)
+    context, locale, timezone = split_sample(context)
+    parts = renderer.render_parts(
+        args.template, context, locale=args.locale or locale, timezone=timezone
+    )
     if args.format == "html" and parts.html is None:
         raise UsageError(f"{args.template}: has no body.html; try --format text")
     print(parts.text if args.format == "text" else parts.html)
     return 0
+
+
+def _renderer(settings: Settings) -> "Renderer":
+    from dispatcher.render import Renderer
+
+    return Renderer(settings.templates.dir, settings.mail.from_, locale=settings.templates.locale)
 
 
 def _template_context(
@@ -224,6 +255,9 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher import overflow
     from dispatcher.admin import status_table
 
+    if args.tag is not None:
+        return tag_status(settings, args)
+
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
         relays, problem = spool.relays(), spool.write_problem()
@@ -247,6 +281,21 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"\n{refused} overflow files refused (not sealed by an allowed key), kept in {folder}"
         )
+    return 0
+
+
+def tag_status(settings: Settings, args: argparse.Namespace) -> int:
+    """`status --tag NAME`: requests per state with the tag, their own or their template's."""
+    from dispatcher.admin import tag_table
+
+    templates = _renderer(settings).tagged(args.tag)
+    with _open_reader(settings) as spool:
+        counts = spool.tag_counts(args.tag, templates)
+    if args.json:
+        report = {"tag": args.tag, "counts": counts, "templates": templates}
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(tag_table(str(settings.spool.path), args.tag, counts, templates))
     return 0
 
 
@@ -304,7 +353,10 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
 
     for warning in credential_warnings(settings.smtp):
         print(f"warning: {warning}")
-    renderer = Renderer(settings.templates.dir, settings.mail.from_)
+    renderer = _renderer(settings)
+    if settings.dkim is not None:
+        Renderer(settings.templates.dir, settings.mail.from_, dkim=settings.dkim)  # reads the key
+        print(f"dkim: key {settings.dkim.key_file} signs mail from {settings.dkim.domain}")
     report = check_templates(renderer)
     if not report.templates:
         raise UsageError(f"no templates in {settings.templates.dir}")
@@ -340,8 +392,25 @@ def dev(settings: Settings, args: argparse.Namespace) -> int:
 def keygen(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.curve import keygen as write_key_pair
 
+    if args.dkim:
+        return dkim_keygen(settings, args)
+    if args.algorithm:
+        raise UsageError("keygen: --algorithm is for --dkim keys")
+
     public, secret = write_key_pair(args.name, args.dir)
     print(f"public key {public} (copy to the peer)\nsecret key {secret} (mode 0600, keep here)")
+    return 0
+
+
+def dkim_keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatcher import dkim
+
+    algorithm = args.algorithm or (settings.dkim.algorithm if settings.dkim else "rsa-sha256")
+    secret, public, record = dkim.keygen(args.name, args.dir, algorithm)
+    domain = settings.dkim.domain if settings.dkim else settings.mail.from_.rpartition("@")[2]
+    print(f"secret key {secret} (mode 0600; dkim.key_file)\npublic key {public}")
+    print(f"publish this DNS TXT record, then set dkim.selector: {args.name}:")
+    print(dkim.dns_record(args.name, domain.rstrip(">").strip(), record))
     return 0
 
 

@@ -15,13 +15,15 @@ from datetime import UTC, datetime
 from dispatcher import mime
 from dispatcher.address import Address
 from dispatcher.errors import TemplateError
-from dispatcher.wire import Request
+from dispatcher.inline import missing_cids
+from dispatcher.wire import Attachment, Request
 
 # A request id may hold ':', which is not atext and makes Python cut the Message-ID short.
 _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")  # where a header block ends
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _MIME_VERSION = mime.literal_field("MIME-Version", "1.0")
+_ONE_CLICK = mime.literal_field("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")  # RFC 8058
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,7 @@ class Parts:
     subject: str  # one line, not HTML-escaped
     html: str | None  # None when the template has no body.html
     text: str  # body.txt rendered, or derived from the HTML when body.txt is missing
+    inline: tuple[Attachment, ...] = ()  # images the HTML shows by `cid:`, each once
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,11 @@ def _fields(
         mime.literal_field("Message-ID", message_id),
         _MIME_VERSION,
     ]
+    if request.unsubscribe_url:
+        fields += [
+            mime.literal_field("List-Unsubscribe", f"<{request.unsubscribe_url}>"),
+            _ONE_CLICK,
+        ]
     fields += (
         mime.text_field(name, value, encode_long_words=False)
         for name, value in request.headers.items()
@@ -102,20 +110,34 @@ def _fields(
 
 
 def _body(parts: Parts, request: Request, seed: str) -> mime.Part:
-    """text/plain, or multipart/alternative (text, then HTML), inside multipart/mixed when
-    there are attachments. Boundaries are numbered outermost first, as `walk()` used to."""
-    boundaries = (f"=_{seed}.{index}" for index in range(2))
-    mixed = next(boundaries) if request.attachments else ""
+    """text/plain, or multipart/alternative (text, then HTML; the HTML inside
+    multipart/related with its inline images), inside multipart/mixed when there are files.
+    Boundaries are numbered outermost first, as `walk()` used to."""
+    boundaries = (f"=_{seed}.{index}" for index in range(3))
+    inline = (*parts.inline, *(a for a in request.attachments if a.content_id))
+    files = [a for a in request.attachments if not a.content_id]
+    if parts.html is None:  # nothing shows them inline: they go as files
+        files[:0], inline = inline, ()
+    elif inline and (missing := missing_cids(parts.html, inline)):
+        raise TemplateError(f"cannot build the message: no inline image for cid:{missing[0]}")
+    mixed = next(boundaries) if files else ""
     body = mime.text_part(parts.text, "plain")
     if parts.html is not None:
         html = mime.text_part(parts.html, "html")
-        body = mime.multipart("alternative", (body, html), next(boundaries))
-    if request.attachments:
-        files = (
-            mime.attachment_part(a.filename, a.content_type, a.content) for a in request.attachments
-        )
-        body = mime.multipart("mixed", (body, *files), mixed)
+        alternative = next(boundaries)
+        if inline:
+            related = (html, *(_file_part(a) for a in inline))
+            html = mime.multipart("related", related, next(boundaries))
+        body = mime.multipart("alternative", (body, html), alternative)
+    if files:
+        body = mime.multipart("mixed", (body, *(_file_part(a) for a in files)), mixed)
     return body
+
+
+def _file_part(attachment: Attachment) -> mime.Part:
+    return mime.attachment_part(
+        attachment.filename, attachment.content_type, attachment.content, attachment.content_id
+    )
 
 
 def ascii_addr_spec(addr_spec: str) -> str:
@@ -157,7 +179,7 @@ def _boundary_seed(message_id: str, parts: Parts, request: Request) -> str:
     digest = hashlib.sha256(message_id.encode())
     for text in (parts.subject, parts.text, parts.html or ""):
         digest.update(text.encode("utf-8", "surrogatepass"))
-    for attachment in request.attachments:
+    for attachment in (*parts.inline, *request.attachments):
         digest.update(attachment.filename.encode("utf-8", "surrogatepass") + attachment.content)
     return digest.hexdigest()[:32]
 

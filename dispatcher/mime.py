@@ -168,15 +168,23 @@ def _text_part_fields(subtype: str, encoding: str) -> tuple[Field, ...]:
     )
 
 
-def attachment_part(filename: str, content_type: str, content: bytes) -> Part:
-    """A file as base64 in 76-character lines, named by Content-Disposition's filename."""
+def attachment_part(
+    filename: str, content_type: str, content: bytes, content_id: str | None = None
+) -> Part:
+    """A file as base64 in 76-character lines, named by Content-Disposition's filename; with a
+    `content_id`, an inline part that HTML shows as `cid:<content_id>` (RFC 2392)."""
     maintype, _, subtype = content_type.partition("/")
-    fields = (
+    fields = [
         _fold("Content-Type", [f"{_token(maintype)}/{_token(subtype or 'octet-stream')}"]),
         _fold("Content-Transfer-Encoding", ["base64"]),
-        _fold("Content-Disposition", ["attachment;", *_filename_param(filename)]),
-    )
-    return Part(fields, _base64_lines(content))
+    ]
+    if content_id is not None:
+        if not _ADDR_SPEC.fullmatch(content_id if "@" in content_id else f"{content_id}@x"):
+            raise ValueError(f"Content-ID: {content_id!r} cannot be written")
+        fields.append(_fold("Content-ID", [f"<{content_id}>"]))
+    disposition = "attachment;" if content_id is None else "inline;"
+    fields.append(_fold("Content-Disposition", [disposition, *_filename_param(filename)]))
+    return Part(tuple(fields), _base64_lines(content))
 
 
 def _base64_lines(data: bytes) -> bytes:

@@ -5,6 +5,7 @@ live refresh. A message is always shown from its RFC 5322 bytes, parsed back, so
 what a mail client gets.
 """
 
+import base64
 import contextlib
 import email
 import email.policy
@@ -83,6 +84,7 @@ class MessageView:
     html: str | None
     text: str | None
     data: bytes
+    images: dict[str, str] = field(default_factory=dict)  # Content-ID: data: URL
 
 
 def message_view(data: bytes) -> MessageView:
@@ -98,7 +100,30 @@ def message_view(data: bytes) -> MessageView:
         html=_body(msg, "html"),
         text=_body(msg, "plain"),
         data=data,
+        images=_inline_images(msg),
     )
+
+
+def _inline_images(msg: EmailMessage) -> dict[str, str]:
+    """Each part with a Content-ID as a data: URL: the preview's iframe may load nothing else,
+    and a mail client shows these parts where the HTML says `cid:`."""
+    images = {}
+    for part in msg.walk():
+        content_id = part.get("Content-ID")
+        payload = part.get_payload(decode=True)
+        if content_id and isinstance(payload, bytes):
+            encoded = base64.b64encode(payload).decode("ascii")
+            images[str(content_id).strip().strip("<>")] = (
+                f"data:{part.get_content_type()};base64,{encoded}"
+            )
+    return images
+
+
+def _with_images(html: str, images: dict[str, str]) -> str:
+    """`cid:` URLs in the HTML replaced by their parts' data: URLs."""
+    for content_id, url in images.items():
+        html = html.replace(f"cid:{content_id}", url)
+    return html
 
 
 def _body(msg: EmailMessage, subtype: str) -> str | None:
@@ -113,7 +138,12 @@ class PreviewApp:
     """Routes a path to a page. Independent of the HTTP server, so it stays easy to follow."""
 
     def __init__(self, settings: Settings, outbox: Outbox | None = None) -> None:
-        self.renderer = Renderer(settings.templates.dir, settings.mail.from_, auto_reload=True)
+        self.renderer = Renderer(
+            settings.templates.dir,
+            settings.mail.from_,
+            auto_reload=True,
+            locale=settings.templates.locale,
+        )
         self.outbox = outbox
         # With an Outbox, the dev daemon's spool too: what it could not deliver is shown there.
         self.spool = settings.spool if outbox is not None else None
@@ -159,7 +189,10 @@ class PreviewApp:
         templates = []
         for name in self.renderer.template_names():
             samples, error = self._samples(name)
-            templates.append({"name": name, "samples": list(samples), "error": error})
+            locales = self._locales(name)
+            templates.append(
+                {"name": name, "samples": list(samples), "error": error, "locales": locales}
+            )
         return self._page("index.html", templates=templates, folder=self.renderer.templates_dir)
 
     def template(self, name: str) -> Response:
@@ -167,10 +200,20 @@ class PreviewApp:
         samples, error = self._samples(name)
         error = error or self._syntax_error(folder)
         files = self.renderer.files(name)
-        return self._page("template.html", name=name, samples=samples, error=error, files=files)
+        return self._page(
+            "template.html",
+            name=name,
+            samples=samples,
+            error=error,
+            files=files,
+            locales=self._locales(name),
+        )
 
     def sample(self, name: str, sample: str, view: str = "desktop") -> Response:
-        """One sample as a page (`view` is one of VIEWS), its HTML part (`html`) or `eml`."""
+        """One sample as a page (`view` is one of VIEWS), its HTML part (`html`) or `eml`;
+        `sample@de-AT` renders it in that locale."""
+        shown_as = sample
+        sample, _, locale = sample.partition("@")
         self._template_folder(name)
         samples, error = self._samples(name)
         if error is None and sample not in samples:
@@ -178,11 +221,11 @@ class PreviewApp:
         data = None
         if error is None:
             try:
-                data = self._render(name, samples[sample])
+                data = self._render(name, samples[sample], locale or None)
             except (TemplateError, InvalidRequest) as exc:
                 error = self._error(exc)
-        base = f"/templates/{_quote(name)}/{_quote(sample)}"
-        crumbs = [("Templates", "/"), (name, f"/templates/{_quote(name)}"), (sample, None)]
+        base = f"/templates/{_quote(name)}/{_quote(shown_as)}"
+        crumbs = [("Templates", "/"), (name, f"/templates/{_quote(name)}"), (shown_as, None)]
         return self._message(data, view, base, f"{name}-{sample}", error=error, crumbs=crumbs)
 
     def outbox_list(self) -> Response:
@@ -265,7 +308,8 @@ class PreviewApp:
             return Response(data, "message/rfc822", headers=headers)
         if view == "html" and message is not None and message.html is not None:
             headers = {"Content-Security-Policy": MAIL_CSP, **NO_STORE}
-            return Response(message.html.encode(), headers=headers, framable=True)
+            html = _with_images(message.html, message.images)
+            return Response(html.encode(), headers=headers, framable=True)
         if view in ("html", "eml"):
             raise NotFound(f"{base}/{view}: the message does not render or has no HTML part")
         if message is not None and message.html is None and view in ("desktop", "mobile"):
@@ -297,9 +341,18 @@ class PreviewApp:
             raise NotFound(f"template {name!r}")
         return self.renderer.templates_dir / name
 
-    def _render(self, name: str, context: dict[str, Any]) -> bytes:
+    def _render(self, name: str, context: dict[str, Any], locale: str | None) -> bytes:
         with self._lock:
-            return self.renderer.render_example(name, context).data
+            return self.renderer.render_example(name, context, locale=locale).data
+
+    def _locales(self, name: str) -> list[str]:
+        """The template's locales; just the default when its template.yaml does not load (its
+        page shows that error)."""
+        with self._lock:
+            try:
+                return self.renderer.locales(name)
+            except TemplateError:
+                return [self.renderer.default_locale]
 
     def _failures(self) -> list[dict[str, Any]]:
         """The newest dead requests and rejected frames of the dev daemon: without them, a

@@ -4,6 +4,7 @@ Every failure a template author can cause is one `TemplateError` naming `file:li
 `dispatcher check`, the preview and a dead request's reason read like a compiler error.
 """
 
+import dataclasses
 import os
 import re
 import textwrap
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import css_inline
 import jinja2
@@ -19,12 +20,20 @@ import jinja2.sandbox
 import yaml
 from jinja2.loaders import split_template_path
 
+from dispatcher import locales, template_defaults
 from dispatcher.address import Address, check_header_text, parse_address
 from dispatcher.compose import Parts, RenderedMessage, compose
 from dispatcher.errors import InvalidRequest, TemplateError
-from dispatcher.wire import TEMPLATE_NAME, VERSION, Request, validate
+from dispatcher.inline import InlineImages
+from dispatcher.inline import image as inline_image
+from dispatcher.settings import DkimSettings
+from dispatcher.template_defaults import TemplateDefaults
+from dispatcher.wire import TEMPLATE_NAME, VERSION, Attachment, Request, validate
 
 BODY_FILES = ("body.html", "body.txt")
+LAYOUTS = "_layouts"
+SAMPLE_LOCALE = "_locale"  # a preview.yaml sample's key naming the locale it renders in
+SAMPLE_TIMEZONE = "_timezone"
 EXAMPLE_RECIPIENT = "Example Recipient <recipient@example.com>"  # `render`, `check`, preview
 # inscriptis writes links as `[text](url)`; mail readers expect `text (url)`.
 _MARKDOWN_LINK = re.compile(r"\[([^\[\]]*)\]\(([^()\s]*)\)")
@@ -78,16 +87,18 @@ def template_environment(
     templates_dir: Path,
     *,
     auto_reload: bool,
-    kind: type[jinja2.Environment] = jinja2.sandbox.SandboxedEnvironment,
+    kind: type[jinja2.Environment] = locales.LocalizedEnvironment,
 ) -> jinja2.Environment:
     """The Jinja environment templates render in.
 
     Sandboxed: context is untrusted data, and `{{ x.__class__.__mro__ }}` style lookups on it
     must not reach Python internals. Measured cost ~10 us per message, 0.2% of a render with
     its MIME build (`benchmarks/sandbox.py` compares it with `kind=jinja2.Environment`).
+    The i18n extension serves teams with gettext catalogs; its callables come per render.
     """
-    return kind(
+    env = kind(
         loader=ConfinedLoader(templates_dir),
+        extensions=["jinja2.ext.i18n"],
         undefined=jinja2.StrictUndefined,
         # Only file names decide: a subject (.txt) must never come out as `A &amp; B`.
         autoescape=jinja2.select_autoescape(
@@ -97,6 +108,22 @@ def template_environment(
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # The i18n callables come in each render's context (its catalog, or none): a global costs
+    # a ChainMap look-up in every context Jinja makes, three per mail.
+    del env.globals["_"]
+    env.filters.update(locales.FILTERS)
+    return env
+
+
+class _Plan(NamedTuple):
+    """How one template renders in one locale: its files, and what the render's context gets."""
+
+    chain: tuple[str, ...]  # the locales files and layouts are looked up along
+    locale: str  # the mail's: formatting and <html lang>
+    subject: str
+    html: str | None
+    text: str | None
+    gettext: dict[str, Any]  # the i18n extension's callables of its catalog, if it has one
 
 
 class Renderer:
@@ -107,13 +134,34 @@ class Renderer:
     up on the next render.
     """
 
-    def __init__(self, templates_dir: Path, mail_from: str, *, auto_reload: bool = False) -> None:
+    def __init__(
+        self,
+        templates_dir: Path,
+        mail_from: str,
+        *,
+        auto_reload: bool = False,
+        locale: str = "en",
+        dkim: DkimSettings | None = None,
+    ) -> None:
+        """`locale`: of requests that name none; `dkim`: sign what `signed()` is given."""
         self.templates_dir = Path(templates_dir).resolve()
         self.mail_from: Address = parse_address(mail_from, "mail.from")
+        self.default_locale = locales.normalize(locale)
         self._env = template_environment(self.templates_dir, auto_reload=auto_reload)
+        self._variants = locales.Variants(self.templates_dir, auto_reload=auto_reload)
+        if isinstance(self._env, locales.LocalizedEnvironment):
+            self._env.variants = self._variants
+        self._catalogs = locales.Catalogs(self.templates_dir, auto_reload=auto_reload)
         self._known: frozenset[str] = frozenset()
         self._auto_reload = auto_reload
-        self._body_files: dict[str, tuple[bool, bool]] = {}
+        self._defaults: dict[str, TemplateDefaults] = {}
+        self._plans: dict[tuple[str, str | None], _Plan] = {}
+        self._images: dict[Path, Attachment] = {}
+        self.signer = None
+        if dkim is not None:
+            from dispatcher.dkim import Signer
+
+            self.signer = Signer(dkim)
 
     def template_names(self) -> list[str]:
         """Folders holding a body; `_layouts` and hidden folders are not templates."""
@@ -125,11 +173,37 @@ class Renderer:
             return True
         return bool(TEMPLATE_NAME.match(name)) and name in self._scan()
 
-    def render_parts(self, name: str, context: dict[str, Any]) -> Parts:
-        """Render subject, HTML and text; the text is derived from the HTML without body.txt."""
-        has_html, has_text = self._bodies(name)
-        subject = " ".join(self._render(f"{name}/subject.txt", context).split())
-        where = f"{self.templates_dir.name}/{name}/subject.txt"  # as _where() would write it
+    def render_parts(
+        self,
+        name: str,
+        context: dict[str, Any],
+        *,
+        locale: str | None = None,
+        timezone: str | None = None,
+    ) -> Parts:
+        """Render subject, HTML and text, each from its variant for `locale` (else the
+        template's or the default locale); the text is derived from the HTML without a
+        body.txt."""
+        plan = self._plans.get((name, locale)) or self._plan(name, locale)
+        images = InlineImages(lambda filename: self._inline_file(name, filename))
+        context = {
+            **context,
+            "locale": plan.locale,
+            "timezone": timezone,
+            "inline": images,
+            **plan.gettext,
+        }
+        token = locales.current_chain.set(plan.chain)
+        try:
+            return self._parts(name, plan, context, images)
+        finally:
+            locales.current_chain.reset(token)
+
+    def _parts(
+        self, name: str, plan: "_Plan", context: dict[str, Any], images: InlineImages
+    ) -> Parts:
+        subject = " ".join(self._render(plan.subject, context).split())
+        where = f"{self.templates_dir.name}/{plan.subject}"  # as _where() would write it
         if not subject:
             raise TemplateError("subject is empty", where)
         try:
@@ -137,29 +211,131 @@ class Renderer:
         except InvalidRequest as exc:
             raise TemplateError(str(exc), where) from None
         html = None
-        if has_html:
-            html = self._render(f"{name}/body.html", context)
-            html = inline_css(html, f"{self.templates_dir.name}/{name}/body.html")
-        if has_text:
-            text = self._render(f"{name}/body.txt", context)
+        if plan.html is not None:
+            html = self._render(plan.html, context)
+            html = inline_css(html, f"{self.templates_dir.name}/{plan.html}")
+        if plan.text is not None:
+            text = self._render(plan.text, context)
         elif html is not None:
             text = html_to_text(html)
         else:  # the folder lost its bodies since the last scan
             raise TemplateError(f"unknown template {name!r}")
-        return Parts(subject=subject, html=html, text=text)
+        return Parts(subject=subject, html=html, text=text, inline=tuple(images.images.values()))
+
+    def _plan(self, name: str, asked: str | None) -> "_Plan":
+        """Which files a mail in locale `asked` renders, and the locale it is written in: the
+        one asked for when the template has a variant or catalog on its chain, else the
+        default, so that a mail falling back to the default text is formatted to match.
+        Kept unless templates reload, as Jinja keeps what it compiled."""
+        default = locales.normalize(self.defaults(name).locale or self.default_locale)
+        chain = locales.chain(asked or default)
+        subject, html, text = (
+            self._variants.find(f"{name}/{file}", chain) for file in ("subject.txt", *BODY_FILES)
+        )
+        catalog = self._catalogs.get(chain)
+        localized = catalog is not None or any(
+            found is not None and not found.endswith(("/subject.txt", "/body.html", "/body.txt"))
+            for found in (subject, html, text)
+        )
+        plan = _Plan(
+            chain,
+            chain[0] if asked is None or localized else default,
+            subject or f"{name}/subject.txt",
+            html,
+            text,
+            {} if catalog is None else locales.gettext_callables(catalog),
+        )
+        if not self._auto_reload:
+            if len(self._plans) >= locales.MAX_CACHED:
+                self._plans.clear()
+            self._plans[name, asked] = plan
+        return plan
+
+    def locales(self, name: str) -> list[str]:
+        """The locales the template has variants or catalogs for, its default first."""
+        default = locales.normalize(self.defaults(name).locale or self.default_locale)
+        found = locales.file_locales(self._folder(name)) + self._catalogs.locales()
+        return list(dict.fromkeys((default, *sorted(found))))
+
+    def tagged(self, tag: str) -> list[str]:
+        """The templates whose template.yaml gives `tag` (one that does not load gives none)."""
+        found = []
+        for name in self.template_names():
+            try:
+                if tag in self.defaults(name).tags:
+                    found.append(name)
+            except TemplateError:
+                continue
+        return found
+
+    def defaults(self, name: str) -> TemplateDefaults:
+        """The template's template.yaml, read once unless templates reload."""
+        found = self._defaults.get(name)
+        if found is None:
+            folder = self._folder(name)
+            if os.path.lexists(folder / template_defaults.FILE):
+                ensure_inside(folder / template_defaults.FILE, self.templates_dir)
+            where = f"{self.templates_dir.name}/{name}/{template_defaults.FILE}"
+            found = template_defaults.load(folder, where)
+            if not self._auto_reload:
+                self._defaults[name] = found
+        return found
+
+    def _inline_file(self, name: str, filename: str) -> Attachment:
+        """An image `inline()` names: in the template's folder, else in _layouts/, never
+        outside the templates folder."""
+        for folder in (self.templates_dir / name, self.templates_dir / LAYOUTS):
+            path = folder / filename
+            if path in self._images:
+                return self._images[path]
+            if not os.path.lexists(path):
+                continue
+            ensure_inside(path, self.templates_dir)
+            if path.is_file():
+                found = inline_image(filename, path.read_bytes())
+                if not self._auto_reload:
+                    self._images[path] = found
+                return found
+        raise ValueError(f"inline: no file {filename!r} in {name}/ or {LAYOUTS}/")
 
     def render(self, request: Request, now: datetime | None = None) -> RenderedMessage:
-        """Render the request's template and build the full message for SMTP DATA."""
-        assert request.template is not None, "message.render_request() takes the other kinds"
-        parts = self.render_parts(request.template, request.context)
+        """Render the request's template, with its template.yaml defaults, and build the full
+        message for SMTP DATA."""
+        template = request.template
+        assert template is not None, "message.render_request() takes the other kinds"
+        request = self.defaults(template).apply(request)
+        parts = self.render_parts(
+            template, request.context, locale=request.locale, timezone=request.timezone
+        )
         return compose(parts, request, request.sender or self.mail_from, now)
 
+    def signed(self, message: RenderedMessage) -> RenderedMessage:
+        """The message as it is sent: DKIM-signed when `dkim` is set and its From matches."""
+        if self.signer is None:
+            return message
+        return dataclasses.replace(message, data=self.signer.sign(message.data))
+
     def render_example(
-        self, name: str, context: dict[str, Any], to: str = EXAMPLE_RECIPIENT
+        self,
+        name: str,
+        context: dict[str, Any],
+        to: str = EXAMPLE_RECIPIENT,
+        locale: str | None = None,
     ) -> RenderedMessage:
-        """The full message a request with this context would get: for render, check, preview."""
-        request = validate({"v": VERSION, "template": name, "to": to, "context": context})
-        return self.render(request)
+        """The full message a request with this context would get: for render, check, preview.
+
+        A sample's `_locale` and `_timezone` keys become the request's locale and timezone;
+        `locale`, when given, wins over the sample's."""
+        context, sample_locale, timezone = split_sample(context)
+        fields = {
+            "v": VERSION,
+            "template": name,
+            "to": to,
+            "locale": locale or sample_locale,
+            "timezone": timezone,
+            "context": context,
+        }
+        return self.render(validate({k: v for k, v in fields.items() if v is not None}))
 
     def compile_errors(self) -> list[TemplateError]:
         """Compile every template file, layouts included, whether or not a sample reaches it."""
@@ -229,18 +405,6 @@ class Renderer:
         )
         return self._known
 
-    def _bodies(self, name: str) -> tuple[bool, bool]:
-        """Whether the template has body.html, body.txt: looked up once per template when
-        templates do not reload (the daemon keeps what it loaded, as Jinja's cache does), on
-        every render when they do (preview sees a body file appear or go)."""
-        found = self._body_files.get(name)
-        if found is None:
-            folder = self._folder(name)
-            found = (os.path.isfile(folder / "body.html"), os.path.isfile(folder / "body.txt"))
-            if not self._auto_reload:
-                self._body_files[name] = found
-        return found
-
     def _folder(self, name: str) -> Path:
         # TEMPLATE_NAME has no '/', '.' or '..', so the folder cannot be outside templates_dir.
         if not self.has_template(name):
@@ -298,6 +462,13 @@ class Renderer:
         return f"{shown}:{line}" if line else shown
 
 
+def split_sample(context: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """A preview.yaml sample as (context, locale, timezone): its `_locale` and `_timezone`
+    keys are the request's, not the template's."""
+    rest = {k: v for k, v in context.items() if k not in (SAMPLE_LOCALE, SAMPLE_TIMEZONE)}
+    return rest, context.get(SAMPLE_LOCALE), context.get(SAMPLE_TIMEZONE)
+
+
 @dataclass(frozen=True, slots=True)
 class CheckReport:
     """What `dispatcher check` found: each failure fails the command, warnings do not."""
@@ -308,7 +479,8 @@ class CheckReport:
 
 
 def check_templates(renderer: Renderer) -> CheckReport:
-    """Compile every template file, then build the full message for every sample context.
+    """Compile every template file, check each template.yaml, then build the full message for
+    every sample context in every locale the template has.
 
     A template without samples is only compiled: rendering it with an empty context would fail
     on its first variable and say nothing useful, so it gets a warning instead.
@@ -322,6 +494,7 @@ def check_templates(renderer: Renderer) -> CheckReport:
             warnings.append(f"{name}: no body.txt; the text part is derived from body.html")
         try:
             samples = renderer.samples(name)
+            locales_of = renderer.locales(name)  # reads template.yaml: its errors fail here
         except TemplateError as exc:
             if str(exc) not in failures:  # a folder linked outside: outside_links() said so
                 failures.append(str(exc))
@@ -329,11 +502,15 @@ def check_templates(renderer: Renderer) -> CheckReport:
         if not samples:
             warnings.append(f"{name}: no samples in preview.yaml; compiled but not rendered")
         for sample, context in samples.items():
-            try:
-                renderer.render_example(name, context)
-            except (TemplateError, InvalidRequest) as exc:
-                if str(exc) not in failures:  # a compile error fails every sample alike
-                    failures.append(f"{exc} [template {name}, sample {sample}]")
+            own = context.get(SAMPLE_LOCALE)
+            tried = dict.fromkeys([*locales_of, *([own] if isinstance(own, str) else [])])
+            for locale in tried:
+                try:
+                    renderer.render_example(name, context, locale=locale)
+                except (TemplateError, InvalidRequest) as exc:
+                    shown = f", locale {locale}" if len(tried) > 1 else ""
+                    if str(exc) not in failures:  # a compile error fails every sample alike
+                        failures.append(f"{exc} [template {name}, sample {sample}{shown}]")
     return CheckReport(len(names), failures, warnings)
 
 

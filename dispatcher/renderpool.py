@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TypedDict, Unpack
 
 import orjson
 
@@ -31,6 +32,7 @@ from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
 from dispatcher.message import Redirect, render_request
 from dispatcher.render import Renderer
+from dispatcher.settings import DkimSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,13 @@ class Failed:
 
 
 Result = RenderedMessage | Failed
+
+
+class RenderOptions(TypedDict, total=False):
+    """The `Renderer` options from the settings that a worker gets as the parent has them."""
+
+    locale: str
+    dkim: DkimSettings | None
 
 
 class RenderTimeout(BaseException):
@@ -90,7 +99,9 @@ def render_stored(
     global _rendering
     try:
         _rendering = True
-        message = render_request(renderer, wire.validate(orjson.loads(stored)), redirect)
+        request = wire.validate(orjson.loads(stored))
+        # DKIM is the last step of every message, once: retries send these signed bytes.
+        message = renderer.signed(render_request(renderer, request, redirect))
         _rendering = False  # an alarm handled from here on is ignored
     except RenderTimeout:
         return too_slow(stored, timeout)
@@ -129,7 +140,12 @@ def _expired(signum: int, frame: FrameType | None) -> None:
 
 
 def _start(
-    templates_dir: Path, mail_from: str, auto_reload: bool, daemon: int, redirect: Redirect | None
+    templates_dir: Path,
+    mail_from: str,
+    auto_reload: bool,
+    daemon: int,
+    redirect: Redirect | None,
+    options: RenderOptions,
 ) -> None:
     global _worker_renderer, _worker_redirect
     _worker_redirect = redirect
@@ -139,7 +155,7 @@ def _start(
     # picks a process, perhaps the daemon.
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
     threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
-    _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+    _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload, **options)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -167,8 +183,10 @@ class RenderPool:
         timeout: float = 10.0,
         auto_reload: bool = False,
         redirect: Redirect | None = None,
+        **options: Unpack[RenderOptions],
     ) -> None:
-        self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload)
+        self.options = options  # the default locale and DKIM key, for the workers too
+        self.renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload, **options)
         self.auto_reload = auto_reload
         self.mail_from = mail_from
         self.processes = processes
@@ -251,6 +269,7 @@ class RenderPool:
                     self.auto_reload,
                     os.getpid(),
                     self.redirect,
+                    self.options,
                 ),
             )
         return self.pool

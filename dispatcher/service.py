@@ -49,6 +49,8 @@ class Daemon:
             timeout=settings.templates.render_timeout,
             auto_reload=auto_reload,
             redirect=Redirect.of(settings.mail),
+            locale=settings.templates.locale,
+            dkim=settings.dkim,
         )
         self.spool: Spool = open_spool(settings.spool, instance_name(settings))
         self.observer = Observer(settings, self.spool)

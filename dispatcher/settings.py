@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -80,6 +80,7 @@ class TemplatesSettings:
     # Worker processes that render (Jinja, CSS, MIME) beside the event loop; 0 renders on it.
     render_processes: int = 1
     render_timeout: float = 10.0  # seconds a render may take before its request is dead
+    locale: str = "en"  # of a request that names none (dispatcher.locales)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimSettings:
+    """The key that signs mail From this domain (dispatcher.dkim); no signing without it."""
+
+    domain: str
+    selector: str
+    key_file: Path  # PEM (rsa-sha256) or as `keygen --dkim` writes it; e.g. a systemd credential
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the client and the daemon are configured with."""
 
@@ -211,6 +222,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    dkim: DkimSettings | None = None
     source: Path | None = None  # the settings file, for messages; None means defaults only
 
 
@@ -309,6 +321,8 @@ def _build(cls: type[Any], raw: object, prefix: str, base: Path) -> Any:
             values[f.name] = _build(hints[f.name], {}, f"{prefix}{f.name}.", base)
         elif isinstance(f.default, Path):
             values[f.name] = base / f.default
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise SettingsError(f"{prefix}{f.name}: required when {where} is set")
     return cls(**values)
 
 
@@ -371,6 +385,22 @@ def _shown(value: object) -> str:
     return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
 
 
+def _check_content(settings: Settings) -> None:
+    """The keys of templates and DKIM whose values have a shape beyond their type."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*", settings.templates.locale):
+        raise SettingsError(
+            f"templates.locale: {settings.templates.locale!r} is not a locale such as en or de-AT"
+        )
+    dkim = settings.dkim
+    if dkim is not None:
+        if not re.fullmatch(r"(?=.{1,253}\Z)([A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,63}", dkim.domain):
+            raise SettingsError(f"dkim.domain: {dkim.domain!r} is not a domain name")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", dkim.selector):
+            raise SettingsError(f"dkim.selector: {dkim.selector!r} is not a DKIM selector")
+
+
 def _checked(settings: Settings) -> Settings:
     """Rules that span a value's meaning, not just its type."""
     for key, endpoint in [
@@ -423,6 +453,7 @@ def _checked(settings: Settings) -> Settings:
 
 def _daemon_checked(settings: Settings) -> Settings:
     """Rules for what only the daemon and the commands read, costly to check in an app."""
+    _check_content(settings)
     from dispatcher.address import parse_address  # lazy: email-validator is slow to import
     from dispatcher.errors import InvalidRequest
 

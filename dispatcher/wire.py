@@ -44,6 +44,9 @@ MAX_HEADERS = 20  # extra headers of one request
 MAX_HEADER_CHARS = 900  # one extra header's value
 MAX_TEXT_CHARS = 200  # an id, idempotency key or locale
 MAX_BODY_CHARS = 1024 * 1024  # `text` or `html` of a request without a template, each
+MAX_TAGS = 10  # tags of one request
+MAX_METADATA_BYTES = 2048  # a request's metadata as JSON
+MAX_URL_CHARS = 900  # an unsubscribe URL (it becomes a header line)
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # Anchored with \Z, not $: `$` also matches before a final newline ("welcome\n").
 TEMPLATE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -51,10 +54,16 @@ REQUEST_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
 LOCALE = re.compile(r"\A[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*\Z")
 HEADER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]{0,75}\Z")
 MIME_TYPE = re.compile(r"\A[\w.+-]+/[\w.+-]+\Z")
+# Patterns of optional fields, compiled on first use (re's cache), not at import: the client
+# imports this module at an app's boot.
+TAG = r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
+TIMEZONE = r"\A[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*\Z"
+# A Content-ID as `cid:` URLs name it (RFC 2392), kept to plain characters.
+CONTENT_ID = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9.-]{1,64})?\Z"
 # Headers the dispatcher writes itself; a request may not set or duplicate them.
 RESERVED_HEADERS = frozenset(
     "from to cc bcc reply-to sender subject date message-id mime-version content-type"
-    " content-transfer-encoding return-path received".split()
+    " content-transfer-encoding return-path received dkim-signature".split()
 )
 ADDRESS_LIST_FIELDS = ("to", "cc", "bcc", "reply_to")
 
@@ -66,6 +75,7 @@ class Attachment:
     filename: str
     content_type: str
     content: bytes
+    content_id: str | None = None  # inline: the HTML shows it as `cid:<content_id>`
 
 
 AttachmentInput = Attachment | tuple[str, bytes] | tuple[str, bytes, str]
@@ -95,6 +105,10 @@ class Request:
     html: str | None = None
     raw: RawMessage | None = None  # kind "raw": a message built by the app
     envelope_from: Address | None = None
+    timezone: str | None = None  # IANA name; dates in the template are shown in it
+    unsubscribe_url: str | None = None  # https; sent as RFC 8058 one-click List-Unsubscribe
+    tags: tuple[str, ...] = ()  # for `status --tag`; never metric labels
+    metadata: dict[str, Any] = field(default_factory=dict)  # the sender's own, kept as given
 
     @property
     def kind(self) -> str:
@@ -124,6 +138,10 @@ class EmailOptions(TypedDict, total=False):
     priority: str  # "high", "normal" or "low"
     idempotency_key: str | None
     locale: str | None
+    timezone: str | None  # an IANA time zone name such as "Europe/Vienna"
+    unsubscribe_url: str | None  # https URL for List-Unsubscribe (RFC 8058 one-click)
+    tags: Sequence[str] | None  # at most MAX_TAGS short names; `dispatcher status --tag`
+    metadata: Mapping[str, Any] | None  # at most MAX_METADATA_BYTES as JSON; stored, not sent
 
 
 class MessageOptions(EmailOptions, total=False):
@@ -308,6 +326,12 @@ def _attachment(item: object, where: str) -> Attachment:
     check_header_text(filename, f"{where}.filename")
     if not isinstance(content_type, str) or not MIME_TYPE.match(content_type):
         raise InvalidRequest(f"{where}.content_type: expected a MIME type such as text/csv")
+    content_id = item.get("content_id")
+    plain_id = isinstance(content_id, str) and re.match(CONTENT_ID, content_id)
+    if not (content_id is None or plain_id):
+        raise InvalidRequest(
+            f"{where}.content_id: expected a name such as 'logo' (letters, digits, '.', '_', '-')"
+        )
     try:
         content = base64.b64decode(item["data"], validate=True)
     except (ValueError, TypeError):
@@ -316,7 +340,7 @@ def _attachment(item: object, where: str) -> Attachment:
         raise InvalidRequest(
             f"{where}: {len(content)} bytes, at most {MAX_ATTACHMENT_BYTES} bytes per file"
         )
-    return Attachment(filename, content_type, content)
+    return Attachment(filename, content_type, content, content_id)
 
 
 def _subject(value: object, name: str) -> str:
@@ -366,6 +390,62 @@ def _priority(value: object, name: str) -> str:
     return str(value)
 
 
+def _timezone(value: object, name: str) -> str | None:
+    """An IANA zone name that this machine's zoneinfo knows (imported here: only a request
+    naming a zone pays for it)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= 64 and re.match(TIMEZONE, value):
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+            return value
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    raise InvalidRequest(f"{name}: {value!r} is not an IANA time zone such as Europe/Vienna")
+
+
+def check_unsubscribe_url(value: object, name: str) -> str | None:
+    """An https URL that can stand in `List-Unsubscribe: <url>` as it is: printable ASCII,
+    no space, no CR or LF, no angle brackets."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("https://"):
+        raise InvalidRequest(f"{name}: expected an https:// URL (RFC 8058 one-click)")
+    if len(value) > MAX_URL_CHARS or not value.isascii() or not value.isprintable():
+        raise InvalidRequest(f"{name}: printable ASCII of at most {MAX_URL_CHARS} characters")
+    if any(char in value for char in ' <>"') or len(value) == len("https://"):
+        raise InvalidRequest(f"{name}: {value!r} is not a valid URL (space, '<', '>' or '\"')")
+    return value
+
+
+def check_tags(value: object, name: str) -> tuple[str, ...]:
+    """At most MAX_TAGS names of letters, digits and `_ . : -`, each once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name}: expected a list of tag names")
+    if len(value) > MAX_TAGS:
+        raise InvalidRequest(f"{name}: {len(value)} tags, at most {MAX_TAGS} are allowed")
+    for index, tag in enumerate(value):
+        if not isinstance(tag, str) or not re.match(TAG, tag):
+            raise InvalidRequest(
+                f"{name}[{index}]: {tag!r} is not a tag (up to 64 letters, digits, '_.:-')"
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def _metadata(value: object, name: str) -> dict[str, Any]:
+    metadata = _object(value, name)
+    size = len(_json(metadata)) if metadata else 0
+    if size > MAX_METADATA_BYTES:
+        raise RequestTooLarge(
+            f"{name}: {size} bytes as JSON, at most {MAX_METADATA_BYTES} bytes are allowed"
+        )
+    return metadata
+
+
 RULES = (
     Rule("v", _version, _version),
     Rule("id", _text(REQUEST_ID), _or_new_id(_text(REQUEST_ID)), REQUEST_ID),
@@ -394,6 +474,10 @@ RULES = (
     Rule("raw", _raw(full=False), _raw(full=True)),
     Rule("envelope_from", _address(check_address), _address(parse_address), PLAIN_ADDRESS),
     Rule("recipients", _addresses(check_address), _addresses(parse_address), PLAIN_ADDRESS),
+    Rule("timezone", _timezone, _timezone),
+    Rule("unsubscribe_url", check_unsubscribe_url, check_unsubscribe_url),
+    Rule("tags", check_tags, check_tags),
+    Rule("metadata", _metadata, _metadata),
 )
 REQUIRED = ("v", "template", "to")
 Shape = tuple[re.Pattern[str] | None, Check | None]  # a rule's `plain` and `shape`
@@ -433,11 +517,12 @@ def _check_recipient_count(fields: dict[str, Any]) -> None:
 _MESSAGE_FIELDS = frozenset(("subject", "text", "html"))
 _RAW_FIELDS = frozenset(("raw", "envelope_from", "recipients"))
 _ENVELOPE_FIELDS = frozenset(("v", "id", "client", "send_at", "priority", "idempotency_key"))
+_BOOKKEEPING_FIELDS = frozenset(("tags", "metadata"))  # the sender's, for `status --tag`
 # The fields each kind takes; a field of another kind is refused, naming the kind.
 KIND_FIELDS = {
     "template": frozenset(_SHAPES) - _MESSAGE_FIELDS - _RAW_FIELDS,
     "message": frozenset(_SHAPES) - {"template", "context"} - _RAW_FIELDS,
-    "raw": _RAW_FIELDS | _ENVELOPE_FIELDS,
+    "raw": _RAW_FIELDS | _ENVELOPE_FIELDS | _BOOKKEEPING_FIELDS,
 }
 _RULES = {
     kind: [rule for rule in RULES if rule.name in names] for kind, names in KIND_FIELDS.items()
@@ -541,6 +626,10 @@ def validate(fields: object) -> Request:
     _check_parts(fields, kind)
     values = {rule.name: rule.full(fields.get(rule.name), rule.name) for rule in _RULES[kind]}
     del values["v"]  # checked; not part of a Request
+    if values.get("unsubscribe_url") and any(
+        header.lower().startswith("list-unsubscribe") for header in values["headers"]
+    ):
+        raise InvalidRequest("headers: List-Unsubscribe is written from unsubscribe_url; set one")
     if kind == "raw":
         message: RawMessage = values.pop("raw")
         recipients = values.pop("recipients") or message.recipients
@@ -634,11 +723,14 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
 
 def attachment_fields(attachment: Attachment) -> dict[str, str]:
     """An attachment in wire form."""
-    return {
+    fields = {
         "filename": attachment.filename,
         "content_type": attachment.content_type,
         "data": base64.b64encode(attachment.content).decode("ascii"),
     }
+    if attachment.content_id is not None:
+        fields["content_id"] = attachment.content_id
+    return fields
 
 
 def encode(fields: dict[str, Any]) -> bytes:
@@ -732,6 +824,10 @@ def to_fields(request: Request) -> dict[str, Any]:
         "idempotency_key": request.idempotency_key,
         "locale": request.locale,
         "client": request.client,
+        "timezone": request.timezone,
+        "unsubscribe_url": request.unsubscribe_url,
+        "tags": list(request.tags) or None,
+        "metadata": request.metadata or None,
     }
     names = KIND_FIELDS[request.kind]
     fields.update((k, v) for k, v in optional.items() if v is not None and k in names)

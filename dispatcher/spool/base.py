@@ -35,6 +35,11 @@ class Reader(Protocol):
         `reason`."""
         ...
 
+    def tag_counts(self, tag: str, templates: Sequence[str] = ()) -> dict[str, int]:
+        """Requests per state (every state present) that carry `tag` in their own `tags`, or
+        are of one of `templates` (those whose template.yaml gives the tag)."""
+        ...
+
     def failures_mark(self) -> str:
         """A token that changes whenever a request dies or a frame is rejected."""
         ...

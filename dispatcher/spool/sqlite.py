@@ -123,6 +123,21 @@ class SqliteReader:
         keys = ("at", "state", "id", "template", "reason")
         return [dict(zip(keys, row, strict=True)) for row in newest]
 
+    def tag_counts(self, tag: str, templates: Sequence[str] = ()) -> dict[str, int]:
+        # A scan, as befits an operator's command: tags live in the stored request only, so
+        # intake writes nothing more. instr() skips parsing the JSON of requests without it.
+        counts = dict.fromkeys(STATES, 0)
+        marks = ", ".join("?" * len(templates))
+        rows = self.db.execute(
+            "select state, count(*) from requests where (instr(request, ?) > 0 and exists"
+            " (select 1 from json_each(cast(request as text), '$.tags') where value = ?))"
+            f" or template in ({marks}) group by state",
+            (orjson.dumps(tag).decode(), tag, *templates),
+        )
+        for state, n in rows:
+            counts[state] = n
+        return counts
+
     def failures_mark(self) -> str:
         (dead, latest) = self.db.execute(
             "select count(*), max(updated_at) from requests where state = 'dead'"
