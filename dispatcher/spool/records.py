@@ -11,6 +11,33 @@ from dispatcher.wire import PRIORITIES, Request, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
+# What a store selects to make a `Row` (`row_of`), in this order, in every store's dialect.
+ROW_COLUMNS = (
+    "id, template, request, created_at, attempts, envelope_from, recipients, delivered,"
+    " refused, data, message_id, priority, next_attempt_at, send_at"
+)
+INSPECTED_COLUMNS = (
+    "id, state, template, priority, created_at, updated_at, next_attempt_at,"
+    " attempts, recipients, delivered, refused, last_reply, maybe_duplicate, request,"
+    " message_id, envelope_from, data as message"
+)
+ATTEMPT_COLUMNS = ("number", "started_at", "finished_at", "outcome", "code", "reply")
+FAILURE_KEYS = ("at", "state", "id", "template", "reason")
+DAEMON_KEYS = ("owner", "started_at", "last_heartbeat")
+# Statements both stores run as they are (SQLite and PostgreSQL share the upsert syntax); `?`
+# is turned into psycopg's `%s` there. A heartbeat: (owner, started_at, beat, starting).
+HEARTBEAT = (
+    "insert into daemons (owner, started_at, last_heartbeat) values (?, ?, ?)"
+    " on conflict (owner) do update set last_heartbeat = excluded.last_heartbeat,"
+    " started_at = case when ? then excluded.started_at else daemons.started_at end"
+)
+# A chore is this daemon's when nobody ran it within `every` seconds: (name, now, owner, every);
+# returns a row only then. The conflict's row lock makes two daemons' tries take turns.
+CHORE = (
+    "insert into chores (name, last_run, run_by) values (?, ?, ?)"
+    " on conflict (name) do update set last_run = excluded.last_run, run_by = excluded.run_by"
+    " where chores.last_run <= excluded.last_run - ? returning name"
+)
 
 
 class Incoming(NamedTuple):
@@ -99,3 +126,45 @@ class Finish:
 
     def __post_init__(self) -> None:
         assert self.state in STATES
+
+
+def row_of(r: Sequence[Any]) -> Row:
+    """A `Row` from the columns of ROW_COLUMNS: JSON lists and maps are stored as text."""
+    return Row(
+        id=r[0],
+        template=r[1],
+        request=bytes(r[2]),
+        created_at=r[3],
+        attempts=r[4],
+        envelope_from=r[5],
+        recipients=None if r[6] is None else orjson.loads(r[6]),
+        delivered=orjson.loads(r[7]),
+        refused=orjson.loads(r[8]),
+        message=None if r[9] is None else bytes(r[9]),
+        message_id=r[10],
+        priority=r[11],
+        due=r[12],
+        send_at=r[13],
+    )
+
+
+def inspected(found: dict[str, Any], attempts: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """`Reader.inspect`'s answer from the INSPECTED_COLUMNS of a request and its attempts'
+    ATTEMPT_COLUMNS, whatever store they came from."""
+    report = dict(found)
+    for key in ("recipients", "delivered", "refused", "request"):
+        if report[key] is not None:
+            report[key] = orjson.loads(report[key])
+    if report["message"] is not None:
+        report["message"] = bytes(report["message"])
+    report["maybe_duplicate"] = bool(report["maybe_duplicate"])
+    report["attempt_log"] = [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in attempts]
+    return report
+
+
+def newest_failures(
+    dead: Sequence[Sequence[Any]], rejected: Sequence[Sequence[Any]], limit: int
+) -> list[dict[str, Any]]:
+    """`Reader.recent_failures` from the newest dead and rejected rows (FAILURE_KEYS each)."""
+    newest = sorted([*map(tuple, dead), *map(tuple, rejected)], reverse=True)[:limit]
+    return [dict(zip(FAILURE_KEYS, row, strict=True)) for row in newest]

@@ -15,16 +15,28 @@ import orjson
 from dispatcher.errors import SpoolError, StartupError, UsageError
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
-from dispatcher.spool.records import EXCERPT_BYTES, STATES, Finish, Incoming, Row, Start
+from dispatcher.spool.records import (
+    ATTEMPT_COLUMNS,
+    CHORE,
+    DAEMON_KEYS,
+    EXCERPT_BYTES,
+    HEARTBEAT,
+    INSPECTED_COLUMNS,
+    ROW_COLUMNS,
+    STATES,
+    Finish,
+    Incoming,
+    Row,
+    Start,
+    inspected,
+    newest_failures,
+    row_of,
+)
 from dispatcher.wire import PRIORITIES
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
 PURGE_BATCH = 5000  # requests deleted per transaction
 PARAMETERS = 500  # ids bound per statement, under SQLite's limit
-ROW_COLUMNS = (
-    "id, template, request, created_at, attempts, envelope_from, recipients, delivered,"
-    " refused, data, message_id, priority, next_attempt_at, send_at"
-)
 
 
 class SqliteReader:
@@ -47,6 +59,7 @@ class SqliteReader:
             (version,) = self.db.execute("pragma user_version").fetchone()
         except sqlite3.Error as exc:
             raise SpoolError(f"spool.path: cannot read {path}: {exc}") from None
+        self.version = int(version)
         if version > sqlite_schema.VERSION:
             raise SpoolError(f"spool.path: {path} was written by a newer dispatcher")
 
@@ -92,9 +105,7 @@ class SqliteReader:
             " order by id desc limit ?",
             (limit,),
         ).fetchall()
-        newest = sorted(dead + rejected, reverse=True)[:limit]
-        keys = ("at", "state", "id", "template", "reason")
-        return [dict(zip(keys, row, strict=True)) for row in newest]
+        return newest_failures(dead, rejected, limit)
 
     def failures_mark(self) -> str:
         (dead, latest) = self.db.execute(
@@ -107,28 +118,26 @@ class SqliteReader:
         cursor = self.db.cursor()
         cursor.row_factory = sqlite3.Row  # this cursor only: columns by name
         found = cursor.execute(
-            "select id, state, template, priority, created_at, updated_at, next_attempt_at,"
-            " attempts, recipients, delivered, refused, last_reply, maybe_duplicate, request,"
-            " message_id, envelope_from, data as message from requests"
+            f"select {INSPECTED_COLUMNS} from requests"
             " left join messages on messages.request_id = requests.id where id = ?",
             (request_id,),
         ).fetchone()
         if found is None:
             return None
-        report = dict(found)
-        for key in ("recipients", "delivered", "refused", "request"):
-            if report[key] is not None:
-                report[key] = orjson.loads(report[key])
-        report["maybe_duplicate"] = bool(report["maybe_duplicate"])
-        report["attempt_log"] = [
-            dict(attempt)
-            for attempt in cursor.execute(
-                "select number, started_at, finished_at, outcome, code, reply from attempts"
-                " where request_id = ? order by number",
-                (request_id,),
-            )
-        ]
-        return report
+        attempts = self.db.execute(
+            f"select {', '.join(ATTEMPT_COLUMNS)} from attempts"
+            " where request_id = ? order by number",
+            (request_id,),
+        ).fetchall()
+        return inspected(dict(found), attempts)
+
+    def daemons(self) -> list[dict[str, Any]]:
+        if self.version < 2:  # a spool no daemon of this release has opened yet
+            return []
+        rows = self.db.execute(
+            "select owner, started_at, last_heartbeat from daemons order by last_heartbeat desc"
+        ).fetchall()
+        return [dict(zip(DAEMON_KEYS, row, strict=True)) for row in rows]
 
 
 class SqliteSpool(SqliteReader):
@@ -150,6 +159,7 @@ class SqliteSpool(SqliteReader):
             self.db.execute("pragma foreign_keys=on")
             with self.transaction() as db:
                 sqlite_schema.migrate(db)
+            self.version = sqlite_schema.VERSION
         except (OSError, sqlite3.Error, ValueError) as exc:
             raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
 
@@ -251,7 +261,7 @@ class SqliteSpool(SqliteReader):
                 )
             ]
             found.sort(key=lambda r: (r[11], r[12]))
-            rows = [_row(r) for r in found[:limit]]
+            rows = [row_of(r) for r in found[:limit]]
             db.executemany(
                 "update requests set claimed_by = ?, lease_until = ? where id = ?",
                 [(self.owner, now + self.lease, row.id) for row in rows],
@@ -276,6 +286,14 @@ class SqliteSpool(SqliteReader):
                 (now + self.lease, self.owner),
             )
             return self._free(db, now, "claimed_by != ? and lease_until < ?", (self.owner, now))
+
+    def heartbeat(self, now: float, *, starting: bool = False) -> None:
+        with self.transaction(durable=False) as db:
+            db.execute(HEARTBEAT, (self.owner, now, now, starting))
+
+    def due(self, chore: str, every: float, now: float) -> bool:
+        with self.transaction(durable=False) as db:
+            return db.execute(CHORE, (chore, now, self.owner, every)).fetchone() is not None
 
     def recover(self, now: float) -> int:
         with self.transaction() as db:
@@ -429,22 +447,3 @@ class SqliteSpool(SqliteReader):
             purged += len(ids)
             if len(ids) < batch or purged == limit:
                 return purged
-
-
-def _row(r: tuple[Any, ...]) -> Row:
-    return Row(
-        id=r[0],
-        template=r[1],
-        request=r[2],
-        created_at=r[3],
-        attempts=r[4],
-        envelope_from=r[5],
-        recipients=None if r[6] is None else orjson.loads(r[6]),
-        delivered=orjson.loads(r[7]),
-        refused=orjson.loads(r[8]),
-        message=r[9],
-        message_id=r[10],
-        priority=r[11],
-        due=r[12],
-        send_at=r[13],
-    )

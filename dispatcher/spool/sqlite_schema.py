@@ -58,6 +58,17 @@ create table rejected (
     reason text not null,
     excerpt blob not null               -- the first bytes of the frame, for the operator
 );
+create table daemons (
+    owner text primary key,
+    started_at real not null,
+    last_heartbeat real not null
+);
+-- When a chore shared by the daemons (retention) last ran, so that one daemon runs it.
+create table chores (
+    name text primary key,
+    last_run real not null,
+    run_by text not null
+);
 """
 
 
@@ -79,8 +90,19 @@ def _claims_and_send_at(db: sqlite3.Connection) -> None:
             )
 
 
+def _daemons_and_chores(db: sqlite3.Connection) -> None:
+    """Version 2: the daemons' heartbeats, and the chores one daemon does for all."""
+    db.execute(
+        "create table daemons (owner text primary key, started_at real not null,"
+        " last_heartbeat real not null)"
+    )
+    db.execute(
+        "create table chores (name text primary key, last_run real not null, run_by text not null)"
+    )
+
+
 # Step n takes a spool from version n - 1 to n. Append; never edit a step that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_claims_and_send_at]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_claims_and_send_at, _daemons_and_chores]
 VERSION = len(MIGRATIONS)
 
 
