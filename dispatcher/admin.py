@@ -72,6 +72,20 @@ def status_table(
     return "\n".join(lines)
 
 
+def daemons_table(daemons: list[dict[str, Any]], at: float, lease: float) -> str:
+    """The daemons that beat on the spool: alive while their last beat is under a lease old
+    (they beat every third of one), as `spool.lease` ends their claims then."""
+    lines = [f"daemons: {sum(at - d['last_heartbeat'] <= lease for d in daemons)} alive"]
+    for daemon in daemons:
+        ago = at - daemon["last_heartbeat"]
+        state = "alive" if ago <= lease else "silent"
+        lines.append(
+            f"  {daemon['owner']:<40}  {state:<6}  last heartbeat {duration(ago)} ago,"
+            f" started {timestamp(daemon['started_at'])}"
+        )
+    return "\n".join(lines)
+
+
 def inspect_report(report: dict[str, Any], at: float) -> str:
     """`dispatcher inspect ID`: the request, every attempt with its reply, the message."""
     names = {number: name for name, number in PRIORITIES.items()}

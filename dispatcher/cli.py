@@ -206,21 +206,26 @@ def _open_spool(settings: Settings) -> "Spool":
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatcher.admin import status_table
+    from dispatcher.admin import daemons_table, status_table
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
-    age = None if oldest is None else round(time.time() - oldest, 1)
+        daemons = spool.daemons()
+    at = time.time()
+    age = None if oldest is None else round(at - oldest, 1)
+    lease = settings.spool.lease
     if args.json:
         report = {
             "counts": counts,
             "oldest_waiting_seconds": age,
             "recent_failures": failures,
-            "spool": str(settings.spool.path),
+            "spool": settings.spool.where(),
+            "daemons": [{**d, "alive": at - d["last_heartbeat"] <= lease} for d in daemons],
         }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(status_table(str(settings.spool.path), counts, age, failures))
+    print(status_table(settings.spool.where(), counts, age, failures))
+    print(f"\n{daemons_table(daemons, at, lease)}")
     return 0
 
 
@@ -230,7 +235,7 @@ def inspect(settings: Settings, args: argparse.Namespace) -> int:
     with _open_reader(settings) as spool:
         report = spool.inspect(args.id)
     if report is None:
-        raise NotFound(f"no request {args.id!r} in {settings.spool.path}")
+        raise NotFound(f"no request {args.id!r} in {settings.spool.where()}")
     if args.json:
         message = report["message"]
         report["message"] = None if message is None else message.decode("utf-8", "replace")

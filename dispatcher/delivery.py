@@ -216,11 +216,13 @@ class Delivery:
     # -- claims and shutdown -----------------------------------------------------------
 
     async def keep_claims(self) -> None:
-        """Renew this daemon's leases; free what daemons whose leases lapsed left behind."""
+        """Renew this daemon's leases and beat its heartbeat; free what daemons whose leases
+        lapsed left behind."""
         every = self.settings.spool.lease / 3
         while True:
             await asyncio.sleep(every)
             freed = self.spool.renew(now())
+            self.spool.heartbeat(now())  # `dispatcher status` shows this daemon alive
             if freed:
                 log.warning("%d sends of a daemon that stopped renewing go again", freed)
                 self.wake.set()

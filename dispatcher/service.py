@@ -74,13 +74,15 @@ class Daemon:
         self.spool.close()
 
     async def prune(self) -> None:
-        """Delete sent requests older than `spool.keep_sent`, a slice at a time."""
+        """Delete sent requests older than `spool.keep_sent`, a slice at a time, once per
+        PRUNE_EVERY across the daemons sharing the spool."""
         keep = self.settings.spool.keep_sent
         while True:
             removed = 0
-            while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
-                removed += n
-                await asyncio.sleep(0)
+            if self.spool.due("prune", PRUNE_EVERY, now()):  # one daemon of those sharing it
+                while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                    removed += n
+                    await asyncio.sleep(0)
             if removed:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)
@@ -102,6 +104,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down within SHUTDOWN_GRACE seconds."""
         recovered = self.spool.recover(now())
+        self.spool.heartbeat(now(), starting=True)
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
         self.renders.start()
