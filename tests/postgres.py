@@ -44,6 +44,16 @@ def binaries() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
+def require_binaries() -> None:
+    """Skip a test that needs PostgreSQL where it is not installed; fail it on CI, where
+    `.ci/run` installs it and a skip would hide a broken step."""
+    if binaries() is None:
+        reason = "PostgreSQL's initdb and postgres are not installed (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 class PostgresServer:
     """One cluster in `folder`, started at once; `fsync=False` for tests, True for benchmarks."""
 
@@ -132,7 +142,8 @@ class PostgresServer:
 
     def url(self, database: str) -> str:
         """A libpq URL for `database` over the unix socket, as the superuser (trusted)."""
-        return f"postgresql://{SUPERUSER}@/{database}?host={quote(str(self.folder), safe='')}&port={self.port}"
+        socket_folder = quote(str(self.folder), safe="")
+        return f"postgresql://{SUPERUSER}@/{database}?host={socket_folder}&port={self.port}"
 
     def tcp_url(self, database: str) -> str:
         """The same database over 127.0.0.1, where the password is asked for."""
@@ -156,10 +167,7 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL for the whole test session; skipped where it is not installed."""
-    if binaries() is None:
-        pytest.skip(
-            "PostgreSQL's initdb and postgres are not installed (apt-get install postgresql)"
-        )
+    require_binaries()
     folder = Path(tempfile.mkdtemp(prefix="pg"))  # short: a socket path has ~100 bytes
     server = PostgresServer(folder)
     try:

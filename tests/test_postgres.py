@@ -21,7 +21,7 @@ from dispatcher.settings import SpoolSettings, load_settings
 from dispatcher.spool import Incoming, Start, open_reader, open_spool
 from dispatcher.spool import postgres_schema as schema
 from tests.daemon import InProcessDaemon, run_cli, write_settings
-from tests.postgres import PASSWORD, PostgresServer, binaries, query
+from tests.postgres import PASSWORD, PostgresServer, query, require_binaries
 from tests.smtp_server import SmtpServer
 from tests.test_spool import rendered
 
@@ -38,10 +38,7 @@ def request(request_id: str, **fields: object) -> Incoming:
 @pytest.fixture
 def own_server() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own, which it may stop and start."""
-    if binaries() is None:
-        pytest.skip(
-            "PostgreSQL's initdb and postgres are not installed (apt-get install postgresql)"
-        )
+    require_binaries()
     with tempfile.TemporaryDirectory(prefix="pg") as folder:
         server = PostgresServer(Path(folder))
         try:
@@ -150,7 +147,7 @@ def test_a_database_that_stops_raises_store_unavailable_then_serves_again(
         spool.add([request("before")], [], 1.0)
         (claimed,) = spool.claim(2.0, 10)
         own_server.stop()
-        with pytest.raises(StoreUnavailable, match="spool.url postgresql://"):
+        with pytest.raises(StoreUnavailable, match=r"spool\.url postgresql://"):
             spool.add([request("during")], [], 3.0)
         with pytest.raises(StoreUnavailable):
             spool.record([Start(rendered(claimed), 1, 3.0)], [])
