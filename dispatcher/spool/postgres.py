@@ -56,6 +56,14 @@ CONNECT_DEFAULTS = {
     "tcp_user_timeout": "20000",  # ms a write may wait for the server's acknowledgement
 }
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+# Delivery bookkeeping need not wait for the disk (see `transaction`). Its statements touch a
+# few rows by key or in the order of an index: an index scan is always right for them, while
+# the planner, on the statistics of a queue table that filled a moment ago, would sort or scan
+# every waiting row on each claim until autovacuum caught up.
+BOOKKEEPING = (
+    "set local synchronous_commit = off; set local enable_seqscan = off;"
+    " set local enable_bitmapscan = off"
+)
 
 
 def _sql(statement: str) -> str:
@@ -213,12 +221,19 @@ class PostgresSpool(PostgresReader):
             raise StartupError(f"spool.url: cannot open {settings.url}: {exc}") from None
 
     @contextmanager
-    def transaction(self) -> Iterator["psycopg.Cursor[Any]"]:
+    def transaction(self, *, durable: bool = True) -> Iterator["psycopg.Cursor[Any]"]:
         """A write transaction: committed on success, rolled back on any exception; a
-        failure that may pass is `StoreUnavailable`, with nothing of it kept."""
+        failure that may pass is `StoreUnavailable`, with nothing of it kept.
+
+        `durable=False` does not wait for the commit to reach the disk (as the SQLite
+        spool's): a crash of the server can only undo delivery bookkeeping, which at worst
+        sends a message again. Accepting a request is always durable.
+        """
         with self._unavailable_as(StoreUnavailable):
             db = self._connection()
             with db.transaction(), db.cursor() as cursor:
+                if not durable:
+                    cursor.execute(BOOKKEEPING)
                 yield cursor
 
     # -- intake ------------------------------------------------------------------------
@@ -236,7 +251,7 @@ class PostgresSpool(PostgresReader):
                     " priority, created_at, send_at, next_attempt_at, updated_at)"
                     " select id, key, template, request, 'queued', priority, %s, due,"
                     " coalesce(due, %s), %s from unnest(%s::text[], %s::text[], %s::text[],"
-                    " %s::bytea[], %s::integer[], %s::float8[])"
+                    " %b::bytea[], %s::integer[], %s::float8[])"
                     " as batch (id, key, template, request, priority, due)"
                     " on conflict do nothing returning id",
                     (
@@ -265,7 +280,7 @@ class PostgresSpool(PostgresReader):
         """Rows another daemon is claiming at this moment are skipped, not waited for."""
         if limit <= 0:
             return []
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             cursor.execute(
                 "with picked as (select id from requests"
                 " where state in ('queued', 'retry') and next_attempt_at <= %s"
@@ -291,18 +306,18 @@ class PostgresSpool(PostgresReader):
         return None if when is None else float(when)
 
     def heartbeat(self, now: float, *, starting: bool = False) -> None:
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             cursor.execute(_sql(HEARTBEAT), (self.owner, now, now, starting))
 
     def due(self, chore: str, every: float, now: float) -> bool:
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             cursor.execute(_sql(CHORE), (chore, now, self.owner, every))
             return cursor.fetchone() is not None
 
     def renew(self, now: float) -> int:
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             cursor.execute(
-                "update requests set lease_until = %s where claimed_by = %s",
+                f"update requests set lease_until = %s where {WAITING} and claimed_by = %s",
                 (now + self.lease, self.owner),
             )
             return self._free(
@@ -338,7 +353,7 @@ class PostgresSpool(PostgresReader):
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
         ids = list(request_ids)
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             cursor.execute(
                 "delete from attempts using requests where attempts.request_id = requests.id"
                 " and requests.id = any(%s) and attempts.finished_at is null"
@@ -360,58 +375,83 @@ class PostgresSpool(PostgresReader):
 
     def record(self, starts: Sequence[Start], finishes: Sequence[Finish]) -> None:
         # Starts first: a request may start and finish in the same batch.
-        with self.transaction() as cursor:
+        with self.transaction(durable=False) as cursor:
             if starts:
-                cursor.executemany(
-                    "update requests set state = 'sending', attempts = %s, recipients = %s,"
-                    " updated_at = %s where id = %s",
-                    [(s.number, _json(s.row.recipients), s.at, s.row.id) for s in starts],
+                cursor.execute(
+                    "update requests set state = 'sending', attempts = s.number,"
+                    " recipients = s.recipients, updated_at = s.at"
+                    " from unnest(%s::text[], %s::integer[], %s::text[], %s::float8[])"
+                    " as s (id, number, recipients, at) where requests.id = s.id",
+                    _columns([(s.row.id, s.number, _json(s.row.recipients), s.at) for s in starts]),
                 )
-                cursor.executemany(  # the message is rendered once: a retry keeps the first
+                cursor.execute(  # the message is rendered once: a retry keeps the first
                     "insert into messages (request_id, message_id, envelope_from, data)"
-                    " values (%s, %s, %s, %s) on conflict do nothing",
-                    [
-                        (s.row.id, s.row.message_id, s.row.envelope_from, s.row.message)
-                        for s in starts
-                    ],
+                    " select * from unnest(%s::text[], %s::text[], %s::text[], %b::bytea[])"
+                    " on conflict do nothing",
+                    _columns(
+                        [
+                            (s.row.id, s.row.message_id, s.row.envelope_from, s.row.message)
+                            for s in starts
+                        ]
+                    ),
                 )
-                cursor.executemany(
-                    "insert into attempts (request_id, number, started_at) values (%s, %s, %s)"
+                cursor.execute(
+                    "insert into attempts (request_id, number, started_at)"
+                    " select * from unnest(%s::text[], %s::integer[], %s::float8[])"
                     " on conflict (request_id, number) do update set started_at ="
                     " excluded.started_at, finished_at = null, outcome = null, code = null,"
                     " reply = null",
-                    [(s.row.id, s.number, s.at) for s in starts],
+                    _columns([(s.row.id, s.number, s.at) for s in starts]),
                 )
             if finishes:
-                cursor.executemany(
-                    "update requests set state = %s,"
-                    " next_attempt_at = coalesce(%s, next_attempt_at), last_reply = %s,"
-                    " recipients = coalesce(%s, recipients), delivered = %s,"
-                    " refused = coalesce(%s, refused), updated_at = %s, claimed_by = null,"
-                    " lease_until = null, maybe_duplicate = maybe_duplicate or %s"
-                    " where id = %s and (claimed_by is null or claimed_by = %s)",
-                    [
-                        (
-                            f.state,
-                            f.next_attempt_at,
-                            f.reply,
-                            None if f.recipients is None else _json(list(f.recipients)),
-                            _json(list(f.delivered)),
-                            None if f.refused is None else _json(f.refused),
-                            f.at,
-                            f.maybe_duplicate,
-                            f.request_id,
-                            self.owner,
-                        )
-                        for f in finishes
-                    ],
+                cursor.execute(
+                    "update requests set state = f.state,"
+                    " next_attempt_at = coalesce(f.next_attempt_at, requests.next_attempt_at),"
+                    " last_reply = f.reply, recipients = coalesce(f.recipients,"
+                    " requests.recipients), delivered = f.delivered,"
+                    " refused = coalesce(f.refused, requests.refused), updated_at = f.at,"
+                    " claimed_by = null, lease_until = null,"
+                    " maybe_duplicate = requests.maybe_duplicate or f.maybe_duplicate"
+                    " from unnest(%s::text[], %s::text[], %s::float8[], %s::text[], %s::text[],"
+                    " %s::text[], %s::text[], %s::float8[], %s::boolean[])"
+                    " as f (id, state, next_attempt_at, reply, recipients, delivered, refused,"
+                    " at, maybe_duplicate)"
+                    " where requests.id = f.id"
+                    " and (requests.claimed_by is null or requests.claimed_by = %s)",
+                    (
+                        *_columns(
+                            [
+                                (
+                                    f.request_id,
+                                    f.state,
+                                    f.next_attempt_at,
+                                    f.reply,
+                                    None if f.recipients is None else _json(list(f.recipients)),
+                                    _json(list(f.delivered)),
+                                    None if f.refused is None else _json(f.refused),
+                                    f.at,
+                                    f.maybe_duplicate,
+                                )
+                                for f in finishes
+                            ]
+                        ),
+                        self.owner,
+                    ),
                 )
                 ended = [f for f in finishes if f.number is not None]
                 if ended:
-                    cursor.executemany(
-                        "update attempts set finished_at = %s, outcome = %s, code = %s,"
-                        " reply = %s where request_id = %s and number = %s",
-                        [(f.at, f.state, f.code, f.reply, f.request_id, f.number) for f in ended],
+                    cursor.execute(
+                        "update attempts set finished_at = f.at, outcome = f.outcome,"
+                        " code = f.code, reply = f.reply"
+                        " from unnest(%s::float8[], %s::text[], %s::integer[], %s::text[],"
+                        " %s::text[], %s::integer[]) as f (at, outcome, code, reply, id, number)"
+                        " where attempts.request_id = f.id and attempts.number = f.number",
+                        _columns(
+                            [
+                                (f.at, f.state, f.code, f.reply, f.request_id, f.number)
+                                for f in ended
+                            ]
+                        ),
                     )
 
     # -- administration ----------------------------------------------------------------
@@ -456,7 +496,7 @@ class PostgresSpool(PostgresReader):
         purged = 0
         while True:
             batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
-            with self.transaction() as cursor:
+            with self.transaction(durable=False) as cursor:
                 cursor.execute(
                     "delete from requests where id in (select id from requests"
                     " where state = %s and updated_at <= %s limit %s for update skip locked)",
@@ -466,6 +506,11 @@ class PostgresSpool(PostgresReader):
             purged += deleted
             if deleted < batch or purged == limit:
                 return purged
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
+    """Rows as one list per column, for `unnest()`: a batch in one statement, not one each."""
+    return tuple(map(list, zip(*rows, strict=True)))
 
 
 def _json(value: object) -> str:

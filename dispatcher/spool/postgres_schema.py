@@ -31,11 +31,12 @@ create table requests (
     updated_at double precision not null,
     claimed_by text,
     lease_until double precision
-);
--- Only the waiting rows, in the order claims take them: sent and dead rows cost it nothing.
+) with (fillfactor = 80);
+-- The rows not yet sent or dead, in the order claims take them: sent and dead rows cost it
+-- nothing. No index holds `claimed_by` or `lease_until`, and the pages keep room (the fill
+-- factor), so a claim or a renewal rewrites the row in place (a HOT update), no index.
 create index requests_due on requests (priority, next_attempt_at)
-    where state in ('queued', 'retry');
-create index requests_claims on requests (claimed_by) where claimed_by is not null;
+    where state in ('queued', 'retry', 'sending');
 create index requests_done on requests (state, updated_at) where state in ('sent', 'dead');
 create table messages (
     request_id text primary key references requests (id) on delete cascade,
