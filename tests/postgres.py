@@ -199,6 +199,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> SpoolSettings:
     return SpoolSettings(url=request.getfixturevalue("postgres_url"))
 
 
+def spool_section(store: SpoolSettings) -> dict[str, str]:
+    """The `spool` section of a settings file (`write_settings`) for a daemon on `store`."""
+    return {"url": store.url} if store.url else {"path": str(store.path)}
+
+
 def query(spool: Reader, statement: str) -> list[tuple[Any, ...]]:
     """Rows of a plain SQL query both stores understand, for tests that look underneath."""
     if isinstance(spool, SqliteReader):

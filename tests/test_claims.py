@@ -9,15 +9,10 @@ import dispatcher
 from dispatcher.settings import SpoolSettings
 from dispatcher.spool import open_reader
 from tests.daemon import InProcessDaemon, write_settings
-from tests.postgres import query
+from tests.postgres import query, spool_section
 from tests.smtp_server import SmtpServer
 
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
-
-
-def shared(store: SpoolSettings) -> dict[str, str]:
-    """The `spool` section of every daemon sharing `store`."""
-    return {"url": store.url} if store.url else {"path": str(store.path)}
 
 
 def test_two_daemons_on_one_spool_send_each_request_once(
@@ -29,7 +24,9 @@ def test_two_daemons_on_one_spool_send_each_request_once(
 ) -> None:
     (tmp_path / "b").mkdir()
     first, second = (
-        write_settings(folder, smtp_server.port, smtp={"connections": 2}, spool=shared(store))
+        write_settings(
+            folder, smtp_server.port, smtp={"connections": 2}, spool=spool_section(store)
+        )
         for folder in (tmp_path, tmp_path / "b")
     )
     smtp_server.slow_reply(seconds=0.03, times=400)  # the queue stays deep for seconds

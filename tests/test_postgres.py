@@ -18,7 +18,7 @@ from dispatcher import wire
 from dispatcher.client import Client
 from dispatcher.errors import SettingsError, SpoolError, StartupError, StoreUnavailable
 from dispatcher.settings import SpoolSettings, load_settings
-from dispatcher.spool import Incoming, Start, open_reader, open_spool
+from dispatcher.spool import Finish, Incoming, Start, open_reader, open_spool
 from dispatcher.spool import postgres_schema as schema
 from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.postgres import PASSWORD, PostgresServer, query, require_binaries
@@ -250,3 +250,29 @@ def test_postgres_restarted_while_requests_flow_loses_nothing(
         m.message_id.strip("<>").split("@")[0] for m in smtp_server.messages if m.message_id
     )
     assert set(delivered) == set(sent_ids)
+
+
+def test_the_queue_commands_work_on_a_postgresql_spool(postgres_url: str, tmp_path: Path) -> None:
+    settings = write_settings(tmp_path, smtp_port=1, spool={"url": postgres_url})
+    with open_spool(SpoolSettings(url=postgres_url), "host-a") as spool:
+        spool.add([request("gone"), request("fine")], [], time.time())
+        (gone, _fine) = spool.claim(time.time(), 2)
+        spool.record([Start(rendered(gone), 1, time.time())], [])
+        spool.record([], [Finish("gone", "dead", time.time(), "550 no such user", number=1)])
+        spool.heartbeat(time.time(), starting=True)
+    status = run_cli("status", settings=settings)
+    assert status.returncode == 0, status.stderr
+    assert f"spool {postgres_url}" in status.stdout and "550 no such user" in status.stdout
+    assert "daemons: 1 alive" in status.stdout and "host-a" in status.stdout
+    inspect = run_cli("inspect", "gone", settings=settings)
+    assert inspect.returncode == 0 and "attempts (1)" in inspect.stdout
+    assert "message as sent (5 bytes" in inspect.stdout
+    retry = run_cli("retry", "--dead", settings=settings)
+    assert (retry.returncode, retry.stdout.strip()) == (0, "re-queued 1 request")
+    with open_spool(SpoolSettings(url=postgres_url), "host-a") as spool:
+        spool.record([], [Finish("gone", "dead", time.time(), "550 again")])
+    purge = run_cli("purge", "--dead", settings=settings)
+    assert (purge.returncode, purge.stdout.strip()) == (0, "purged 1 dead request")
+    missing = run_cli("inspect", "gone", settings=settings)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"dispatcher: no request 'gone' in {postgres_url}"
