@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from dispatcher.errors import StoreUnavailable
 from dispatcher.notify import Notifier
 from dispatcher.settings import Settings
 from dispatcher.spool import Reader
@@ -66,7 +67,11 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        return f"{self.spool.waiting()} waiting; since start {done}, {rejected} rejected"
+        try:
+            waiting = f"{self.spool.waiting()} waiting"
+        except StoreUnavailable:  # the database is down: the watchdog must still be fed
+            waiting = "spool unavailable"
+        return f"{waiting}; since start {done}, {rejected} rejected"
 
     # -- events ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import zmq.asyncio
 
 from dispatcher.admission import Admission, policies
 from dispatcher.delivery import SHUTDOWN_GRACE, Delivery
-from dispatcher.errors import StartupError
+from dispatcher.errors import StartupError, StoreUnavailable
 from dispatcher.intake import Intake
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
@@ -79,10 +79,13 @@ class Daemon:
         keep = self.settings.spool.keep_sent
         while True:
             removed = 0
-            if self.spool.due("prune", PRUNE_EVERY, now()):  # one daemon of those sharing it
-                while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
-                    removed += n
-                    await asyncio.sleep(0)
+            try:
+                if self.spool.due("prune", PRUNE_EVERY, now()):  # one daemon of those sharing it
+                    while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                        removed += n
+                        await asyncio.sleep(0)
+            except StoreUnavailable as exc:  # the next pass prunes what this one could not
+                log.warning("pruning skipped: %s", exc)
             if removed:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)

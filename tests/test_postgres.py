@@ -17,6 +17,7 @@ import pytest
 from dispatcher import wire
 from dispatcher.client import Client
 from dispatcher.errors import SettingsError, SpoolError, StartupError, StoreUnavailable
+from dispatcher.observer import Observer
 from dispatcher.settings import SpoolSettings, load_settings
 from dispatcher.spool import Finish, Incoming, Start, open_reader, open_spool
 from dispatcher.spool import postgres_schema as schema
@@ -155,6 +156,9 @@ def test_a_database_that_stops_raises_store_unavailable_then_serves_again(
             spool.claim(3.0, 10)
         with pytest.raises(SpoolError):
             open_reader(settings)
+        # The systemd status line (fed with the watchdog) says so instead of failing.
+        status = Observer(load_settings(environ={}), spool).status()
+        assert status.startswith("spool unavailable; since start")
         own_server.start()
         # The same spool object connects again; nothing of the failed writes was kept.
         assert spool.add([request("during")], [], 4.0) == ["during"]
