@@ -61,8 +61,8 @@ UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 # the planner, on the statistics of a queue table that filled a moment ago, would sort or scan
 # every waiting row on each claim until autovacuum caught up.
 BOOKKEEPING = (
-    "set local synchronous_commit = off; set local enable_seqscan = off;"
-    " set local enable_bitmapscan = off"
+    "select set_config('synchronous_commit', 'off', true),"
+    " set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
 )
 
 
@@ -231,7 +231,9 @@ class PostgresSpool(PostgresReader):
         """
         with self._unavailable_as(StoreUnavailable):
             db = self._connection()
-            with db.transaction(), db.cursor() as cursor:
+            # A pipeline: BEGIN, the statements and COMMIT go out without waiting for each
+            # other's replies, so a transaction costs one round trip (two when a result is read).
+            with db.pipeline(), db.transaction(), db.cursor() as cursor:
                 if not durable:
                     cursor.execute(BOOKKEEPING)
                 yield cursor
@@ -337,13 +339,13 @@ class PostgresSpool(PostgresReader):
     def _free(cursor: "psycopg.Cursor[Any]", now: float, which: str, args: tuple[Any, ...]) -> int:
         """End the claims `which` selects; returns how many sends they had begun, which go
         again flagged as possible duplicates."""
-        cursor.execute(
-            "update requests set state = 'retry', maybe_duplicate = true, next_attempt_at = %s,"
-            " updated_at = %s, claimed_by = null, lease_until = null"
-            f" where state = 'sending' and {which}",
+        cursor.execute(  # a count, not `rowcount`: a pipeline has none before it syncs
+            "with freed as (update requests set state = 'retry', maybe_duplicate = true,"
+            " next_attempt_at = %s, updated_at = %s, claimed_by = null, lease_until = null"
+            f" where state = 'sending' and {which} returning 1) select count(*) from freed",
             (now, now, *args),
         )
-        interrupted = cursor.rowcount
+        (interrupted,) = cursor.fetchone() or (0,)
         cursor.execute(
             "update requests set claimed_by = null, lease_until = null"
             f" where claimed_by is not null and state in ('queued', 'retry') and {which}",
@@ -498,11 +500,12 @@ class PostgresSpool(PostgresReader):
             batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
             with self.transaction(durable=False) as cursor:
                 cursor.execute(
-                    "delete from requests where id in (select id from requests"
-                    " where state = %s and updated_at <= %s limit %s for update skip locked)",
+                    "with gone as (delete from requests where id in (select id from requests"
+                    " where state = %s and updated_at <= %s limit %s for update skip locked)"
+                    " returning 1) select count(*) from gone",
                     (state, cutoff, batch),
                 )
-                deleted = cursor.rowcount
+                (deleted,) = cursor.fetchone() or (0,)
             purged += deleted
             if deleted < batch or purged == limit:
                 return purged
