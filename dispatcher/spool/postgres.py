@@ -298,13 +298,17 @@ class PostgresSpool(PostgresReader):
         return sorted((row_of(r) for r in found), key=lambda row: (row.priority, row.due))
 
     def next_due_at(self) -> float | None:
-        # One index lookup per priority, as the claim's index is ordered by priority first.
+        # The first row of each priority in the claim's index: `order by ... limit 1`, as
+        # `min()` over a table the planner thinks small would read every waiting row.
         firsts = " union all ".join(
-            "select min(next_attempt_at) as at from requests"
+            "(select next_attempt_at as at from requests"
             f" where state in ('queued', 'retry') and priority = {priority}"
+            " order by next_attempt_at limit 1)"
             for priority in sorted(PRIORITIES.values())
         )
-        ((when,),) = self._query(f"select min(at) from ({firsts}) as firsts")
+        with self.transaction(durable=False) as cursor:  # its planner settings: the index
+            cursor.execute(f"select min(at) from ({firsts}) as firsts")
+            (when,) = cursor.fetchone() or (None,)
         return None if when is None else float(when)
 
     def heartbeat(self, now: float, *, starting: bool = False) -> None:
