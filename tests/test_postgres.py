@@ -166,6 +166,24 @@ def test_a_database_that_stops_raises_store_unavailable_then_serves_again(
         assert spool.counts()["queued"] == 2
 
 
+def test_a_server_that_turned_read_only_is_unavailable_until_a_primary_answers(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """As after a failover, when the address still leads to the old primary, now a standby."""
+    name = postgres_url.split("/")[3].split("?")[0]
+    with open_spool(SpoolSettings(url=postgres_url), "a") as spool:
+        postgres_server.admin(f'alter database "{name}" set default_transaction_read_only = on')
+        postgres_server.admin(
+            f"select pg_terminate_backend(pid) from pg_stat_activity where datname = '{name}'"
+        )
+        with pytest.raises(StoreUnavailable):  # the connection that was cut
+            spool.add([request("r1")], [], 1.0)
+        with pytest.raises(StoreUnavailable, match="read-only|read only"):
+            spool.add([request("r1")], [], 1.0)
+        postgres_server.admin(f'alter database "{name}" reset default_transaction_read_only')
+        assert spool.add([request("r1")], [], 2.0) == ["r1"]
+
+
 # -- several daemons on one database -----------------------------------------------------
 
 

@@ -55,7 +55,13 @@ CONNECT_DEFAULTS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "20000",  # ms a write may wait for the server's acknowledgement
 }
-UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+# What may pass: the server or network down, a timeout, a full disk, or (after a failover) a
+# connection that still reaches the old primary, now read-only; a new connection may succeed.
+UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
 # Delivery bookkeeping need not wait for the disk (see `transaction`). Its statements touch a
 # few rows by key or in the order of an index: an index scan is always right for them, while
 # the planner, on the statistics of a queue table that filled a moment ago, would sort or scan
@@ -97,7 +103,10 @@ class PostgresReader:
                 given = psycopg.conninfo.conninfo_to_dict(url)
             except psycopg.ProgrammingError as exc:
                 raise SettingsError(f"spool.url: not a valid libpq URL: {exc}") from None
-            options = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+            defaults = CONNECT_DEFAULTS
+            if not self.read_only:  # of the hosts a URL lists, the primary (after a failover)
+                defaults = {**defaults, "target_session_attrs": "read-write"}
+            options = {k: v for k, v in defaults.items() if k not in given}
             password = self.settings.password()
             if password is not None:
                 options["password"] = password
