@@ -110,11 +110,11 @@ class PostgresReader:
             password = self.settings.password()
             if password is not None:
                 options["password"] = password
-            db = psycopg.connect(psycopg.conninfo.make_conninfo(url, **options), autocommit=True)
-            db.execute(SESSION)
+            conninfo = psycopg.conninfo.make_conninfo(url, **options)
+            self._db = psycopg.connect(conninfo, autocommit=True)  # closed by a failure below
+            self._db.execute(SESSION)
             if self.read_only:
-                db.execute("set default_transaction_read_only = on")
-            self._db = db
+                self._db.execute("set default_transaction_read_only = on")
         return self._db
 
     @contextmanager
@@ -225,7 +225,10 @@ class PostgresSpool(PostgresReader):
             super().__init__(settings, read_only=False)
             with self._unavailable_as(SpoolError), self._connection().transaction():
                 postgres_schema.migrate(self._connection().cursor())
-        except (SpoolError, ValueError) as exc:
+        except SpoolError as exc:  # it names the URL already
+            self.close()
+            raise StartupError(str(exc)) from None
+        except ValueError as exc:
             self.close()
             raise StartupError(f"spool.url: cannot open {settings.url}: {exc}") from None
 
