@@ -62,14 +62,13 @@ UNAVAILABLE = (
     psycopg.InterfaceError,
     psycopg.errors.ReadOnlySqlTransaction,
 )
-# Delivery bookkeeping need not wait for the disk (see `transaction`). Its statements touch a
-# few rows by key or in the order of an index: an index scan is always right for them, while
-# the planner, on the statistics of a queue table that filled a moment ago, would sort or scan
-# every waiting row on each claim until autovacuum caught up.
-BOOKKEEPING = (
-    "select set_config('synchronous_commit', 'off', true),"
-    " set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
-)
+# A daemon's connection, besides SESSION. Delivery bookkeeping need not wait for the disk
+# (`transaction` makes accepting durable). Its statements touch a few rows by key or in the
+# order of an index: an index scan is always right for them, while the planner, on the
+# statistics of a queue table that filled a moment ago, would sort or scan every waiting row
+# on each claim until autovacuum caught up.
+BOOKKEEPING = "set synchronous_commit = off; set enable_seqscan = off; set enable_bitmapscan = off"
+DURABLE = "select set_config('synchronous_commit', 'on', true)"  # this transaction waits
 
 
 def _sql(statement: str) -> str:
@@ -113,8 +112,9 @@ class PostgresReader:
             conninfo = psycopg.conninfo.make_conninfo(url, **options)
             self._db = psycopg.connect(conninfo, autocommit=True)  # closed by a failure below
             self._db.execute(SESSION)
-            if self.read_only:
-                self._db.execute("set default_transaction_read_only = on")
+            self._db.execute(
+                "set default_transaction_read_only = on" if self.read_only else BOOKKEEPING
+            )
         return self._db
 
     @contextmanager
@@ -243,12 +243,16 @@ class PostgresSpool(PostgresReader):
         """
         with self._unavailable_as(StoreUnavailable):
             db = self._connection()
-            # A pipeline: BEGIN, the statements and COMMIT go out without waiting for each
-            # other's replies, so a transaction costs one round trip (two when a result is read).
-            with db.pipeline(), db.transaction(), db.cursor() as cursor:
-                if not durable:
-                    cursor.execute(BOOKKEEPING)
+            with db.transaction(), db.cursor() as cursor:
+                if durable:
+                    cursor.execute(DURABLE)
                 yield cursor
+
+    def _bookkeep(self, statement: str, params: Sequence[Any] = ()) -> "psycopg.Cursor[Any]":
+        """One statement of delivery bookkeeping, a transaction of its own (not durable):
+        a single round trip, with no BEGIN and COMMIT around it."""
+        with self._unavailable_as(StoreUnavailable):
+            return self._connection().execute(statement, params)
 
     # -- intake ------------------------------------------------------------------------
 
@@ -294,19 +298,17 @@ class PostgresSpool(PostgresReader):
         """Rows another daemon is claiming at this moment are skipped, not waited for."""
         if limit <= 0:
             return []
-        with self.transaction(durable=False) as cursor:
-            cursor.execute(
-                "with picked as (select id from requests"
-                " where state in ('queued', 'retry') and next_attempt_at <= %s"
-                " and (claimed_by is null or lease_until < %s)"
-                " order by priority, next_attempt_at limit %s for update skip locked),"
-                " claimed as (update requests set claimed_by = %s, lease_until = %s"
-                " from picked where requests.id = picked.id returning requests.id)"
-                f" select {ROW_COLUMNS} from claimed join requests using (id)"
-                " left join messages on messages.request_id = requests.id",
-                (now, now, limit, self.owner, now + self.lease),
-            )
-            found = cursor.fetchall()
+        found = self._bookkeep(
+            "with picked as (select id from requests"
+            " where state in ('queued', 'retry') and next_attempt_at <= %s"
+            " and (claimed_by is null or lease_until < %s)"
+            " order by priority, next_attempt_at limit %s for update skip locked),"
+            " claimed as (update requests set claimed_by = %s, lease_until = %s"
+            " from picked where requests.id = picked.id returning requests.id)"
+            f" select {ROW_COLUMNS} from claimed join requests using (id)"
+            " left join messages on messages.request_id = requests.id",
+            (now, now, limit, self.owner, now + self.lease),
+        ).fetchall()
         return sorted((row_of(r) for r in found), key=lambda row: (row.priority, row.due))
 
     def next_due_at(self) -> float | None:
@@ -318,19 +320,14 @@ class PostgresSpool(PostgresReader):
             " order by next_attempt_at limit 1)"
             for priority in sorted(PRIORITIES.values())
         )
-        with self.transaction(durable=False) as cursor:  # its planner settings: the index
-            cursor.execute(f"select min(at) from ({firsts}) as firsts")
-            (when,) = cursor.fetchone() or (None,)
+        ((when,),) = self._query(f"select min(at) from ({firsts}) as firsts")
         return None if when is None else float(when)
 
     def heartbeat(self, now: float, *, starting: bool = False) -> None:
-        with self.transaction(durable=False) as cursor:
-            cursor.execute(_sql(HEARTBEAT), (self.owner, now, now, starting))
+        self._bookkeep(_sql(HEARTBEAT), (self.owner, now, now, starting))
 
     def due(self, chore: str, every: float, now: float) -> bool:
-        with self.transaction(durable=False) as cursor:
-            cursor.execute(_sql(CHORE), (chore, now, self.owner, every))
-            return cursor.fetchone() is not None
+        return self._bookkeep(_sql(CHORE), (chore, now, self.owner, every)).fetchone() is not None
 
     def renew(self, now: float) -> int:
         with self.transaction(durable=False) as cursor:
@@ -392,85 +389,20 @@ class PostgresSpool(PostgresReader):
     # -- delivery bookkeeping ----------------------------------------------------------
 
     def record(self, starts: Sequence[Start], finishes: Sequence[Finish]) -> None:
-        # Starts first: a request may start and finish in the same batch.
-        with self.transaction(durable=False) as cursor:
-            if starts:
-                cursor.execute(
-                    "update requests set state = 'sending', attempts = s.number,"
-                    " recipients = s.recipients, updated_at = s.at"
-                    " from unnest(%s::text[], %s::integer[], %s::text[], %s::float8[])"
-                    " as s (id, number, recipients, at) where requests.id = s.id",
-                    _columns([(s.row.id, s.number, _json(s.row.recipients), s.at) for s in starts]),
-                )
-                cursor.execute(  # the message is rendered once: a retry keeps the first
-                    "insert into messages (request_id, message_id, envelope_from, data)"
-                    " select * from unnest(%s::text[], %s::text[], %s::text[], %b::bytea[])"
-                    " on conflict do nothing",
-                    _columns(
-                        [
-                            (s.row.id, s.row.message_id, s.row.envelope_from, s.row.message)
-                            for s in starts
-                        ]
-                    ),
-                )
-                cursor.execute(
-                    "insert into attempts (request_id, number, started_at)"
-                    " select * from unnest(%s::text[], %s::integer[], %s::float8[])"
-                    " on conflict (request_id, number) do update set started_at ="
-                    " excluded.started_at, finished_at = null, outcome = null, code = null,"
-                    " reply = null",
-                    _columns([(s.row.id, s.number, s.at) for s in starts]),
-                )
-            if finishes:
-                cursor.execute(
-                    "update requests set state = f.state,"
-                    " next_attempt_at = coalesce(f.next_attempt_at, requests.next_attempt_at),"
-                    " last_reply = f.reply, recipients = coalesce(f.recipients,"
-                    " requests.recipients), delivered = f.delivered,"
-                    " refused = coalesce(f.refused, requests.refused), updated_at = f.at,"
-                    " claimed_by = null, lease_until = null,"
-                    " maybe_duplicate = requests.maybe_duplicate or f.maybe_duplicate"
-                    " from unnest(%s::text[], %s::text[], %s::float8[], %s::text[], %s::text[],"
-                    " %s::text[], %s::text[], %s::float8[], %s::boolean[])"
-                    " as f (id, state, next_attempt_at, reply, recipients, delivered, refused,"
-                    " at, maybe_duplicate)"
-                    " where requests.id = f.id"
-                    " and (requests.claimed_by is null or requests.claimed_by = %s)",
-                    (
-                        *_columns(
-                            [
-                                (
-                                    f.request_id,
-                                    f.state,
-                                    f.next_attempt_at,
-                                    f.reply,
-                                    None if f.recipients is None else _json(list(f.recipients)),
-                                    _json(list(f.delivered)),
-                                    None if f.refused is None else _json(f.refused),
-                                    f.at,
-                                    f.maybe_duplicate,
-                                )
-                                for f in finishes
-                            ]
-                        ),
-                        self.owner,
-                    ),
-                )
-                ended = [f for f in finishes if f.number is not None]
-                if ended:
-                    cursor.execute(
-                        "update attempts set finished_at = f.at, outcome = f.outcome,"
-                        " code = f.code, reply = f.reply"
-                        " from unnest(%s::float8[], %s::text[], %s::integer[], %s::text[],"
-                        " %s::text[], %s::integer[]) as f (at, outcome, code, reply, id, number)"
-                        " where attempts.request_id = f.id and attempts.number = f.number",
-                        _columns(
-                            [
-                                (f.at, f.state, f.code, f.reply, f.request_id, f.number)
-                                for f in ended
-                            ]
-                        ),
-                    )
+        """Starts, then finishes (a request may start and finish in the same batch): one
+        statement each, so one of them alone is one round trip."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if starts:
+            statements.append((STARTS, _columns([_start(s) for s in starts])))
+        if finishes:
+            rows = _columns([_finish(f) for f in finishes])
+            statements.append((FINISHES, (*rows, self.owner)))
+        if len(statements) == 1:
+            self._bookkeep(*statements[0])
+        elif statements:
+            with self.transaction(durable=False) as cursor:
+                for statement, params in statements:
+                    cursor.execute(statement, params)
 
     # -- administration ----------------------------------------------------------------
 
@@ -525,6 +457,72 @@ class PostgresSpool(PostgresReader):
             purged += deleted
             if deleted < batch or purged == limit:
                 return purged
+
+
+# Attempts begun: the request is `sending`, its message kept (rendered once: a retry keeps the
+# first), the attempt recorded (again, if a start was undone by a release).
+STARTS = (
+    "with s as (select * from unnest(%s::text[], %s::integer[], %s::text[], %s::float8[],"
+    " %s::text[], %s::text[], %b::bytea[])"
+    " as s (id, number, recipients, at, message_id, envelope_from, data)),"
+    " kept as (insert into messages (request_id, message_id, envelope_from, data)"
+    " select id, message_id, envelope_from, data from s on conflict do nothing),"
+    " begun as (insert into attempts (request_id, number, started_at)"
+    " select id, number, at from s on conflict (request_id, number) do update set"
+    " started_at = excluded.started_at, finished_at = null, outcome = null, code = null,"
+    " reply = null)"
+    " update requests set state = 'sending', attempts = s.number, recipients = s.recipients,"
+    " updated_at = s.at from s where requests.id = s.id"
+)
+# Attempts (or renders) ended: the request's new state, and the end of its claim unless
+# another daemon has claimed it since; the attempt's outcome.
+FINISHES = (
+    "with f as (select * from unnest(%s::text[], %s::text[], %s::float8[], %s::text[],"
+    " %s::text[], %s::text[], %s::text[], %s::float8[], %s::boolean[], %s::integer[],"
+    " %s::integer[]) as f (id, state, next_attempt_at, reply, recipients, delivered, refused,"
+    " at, maybe_duplicate, number, code)),"
+    " ended as (update attempts set finished_at = f.at, outcome = f.state, code = f.code,"
+    " reply = f.reply from f where attempts.request_id = f.id and attempts.number = f.number)"
+    " update requests set state = f.state,"
+    " next_attempt_at = coalesce(f.next_attempt_at, requests.next_attempt_at),"
+    " last_reply = f.reply, recipients = coalesce(f.recipients, requests.recipients),"
+    " delivered = f.delivered, refused = coalesce(f.refused, requests.refused),"
+    " updated_at = f.at, claimed_by = null, lease_until = null,"
+    " maybe_duplicate = requests.maybe_duplicate or f.maybe_duplicate"
+    " from f where requests.id = f.id"
+    " and (requests.claimed_by is null or requests.claimed_by = %s)"
+)
+
+
+def _start(s: Start) -> tuple[Any, ...]:
+    """A start as a row of STARTS."""
+    row = s.row
+    return (
+        row.id,
+        s.number,
+        _json(row.recipients),
+        s.at,
+        row.message_id,
+        row.envelope_from,
+        row.message,
+    )
+
+
+def _finish(f: Finish) -> tuple[Any, ...]:
+    """A finish as a row of FINISHES."""
+    return (
+        f.request_id,
+        f.state,
+        f.next_attempt_at,
+        f.reply,
+        None if f.recipients is None else _json(list(f.recipients)),
+        _json(list(f.delivered)),
+        None if f.refused is None else _json(f.refused),
+        f.at,
+        f.maybe_duplicate,
+        f.number,
+        f.code,
+    )
 
 
 def _columns(rows: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
