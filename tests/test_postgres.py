@@ -178,7 +178,7 @@ def test_a_server_that_turned_read_only_is_unavailable_until_a_primary_answers(
         )
         with pytest.raises(StoreUnavailable):  # the connection that was cut
             spool.add([request("r1")], [], 1.0)
-        with pytest.raises(StoreUnavailable, match="read-only|read only"):
+        with pytest.raises(StoreUnavailable, match=r"read-only|read only"):
             spool.add([request("r1")], [], 1.0)
         postgres_server.admin(f'alter database "{name}" reset default_transaction_read_only')
         assert spool.add([request("r1")], [], 2.0) == ["r1"]
