@@ -44,6 +44,8 @@ create table messages (
     envelope_from text not null,
     data bytea not null
 );
+-- Stored as sent, not compressed: pglz took milliseconds per batch of the delivery loop.
+alter table messages alter column data set storage external;
 create table attempts (
     request_id text not null references requests (id) on delete cascade,
     number integer not null,
