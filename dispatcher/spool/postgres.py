@@ -17,13 +17,8 @@ from dispatcher.errors import SettingsError, SpoolError, StartupError, StoreUnav
 from dispatcher.settings import SpoolSettings
 from dispatcher.spool import postgres_schema
 from dispatcher.spool.records import (
-    ATTEMPT_COLUMNS,
-    CHORE,
     DAEMON_KEYS,
     EXCERPT_BYTES,
-    HEARTBEAT,
-    INSPECTED_COLUMNS,
-    ROW_COLUMNS,
     STATES,
     Finish,
     Incoming,
@@ -33,6 +28,7 @@ from dispatcher.spool.records import (
     newest_failures,
     row_of,
 )
+from dispatcher.spool.sql import ATTEMPT_COLUMNS, CHORE, HEARTBEAT, INSPECTED_COLUMNS, ROW_COLUMNS
 from dispatcher.wire import PRIORITIES
 
 try:

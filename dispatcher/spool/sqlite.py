@@ -16,13 +16,8 @@ from dispatcher.errors import SpoolError, StartupError, UsageError
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
 from dispatcher.spool.records import (
-    ATTEMPT_COLUMNS,
-    CHORE,
     DAEMON_KEYS,
     EXCERPT_BYTES,
-    HEARTBEAT,
-    INSPECTED_COLUMNS,
-    ROW_COLUMNS,
     STATES,
     Finish,
     Incoming,
@@ -32,6 +27,7 @@ from dispatcher.spool.records import (
     newest_failures,
     row_of,
 )
+from dispatcher.spool.sql import ATTEMPT_COLUMNS, CHORE, HEARTBEAT, INSPECTED_COLUMNS, ROW_COLUMNS
 from dispatcher.wire import PRIORITIES
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
