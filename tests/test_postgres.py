@@ -187,6 +187,33 @@ def test_a_server_that_turned_read_only_is_unavailable_until_a_primary_answers(
 # -- several daemons on one database -----------------------------------------------------
 
 
+def test_daemons_claiming_at_once_never_take_the_same_request(postgres_url: str) -> None:
+    settings = SpoolSettings(url=postgres_url)
+    with open_spool(settings, "loader") as spool:
+        spool.add([request(f"r{i}") for i in range(1000)], [], 1.0)
+    taken: dict[str, list[str]] = {}
+    ready = threading.Barrier(4, timeout=60)
+
+    def work(owner: str) -> None:
+        with open_spool(settings, owner) as spool:
+            mine = taken.setdefault(owner, [])
+            ready.wait()  # all connected: the claims themselves race
+            for _ in range(300):  # bounded: 4 x 300 claims of 4 are more than 1,000 rows
+                rows = spool.claim(2.0, 4)
+                if not rows:
+                    return
+                mine.extend(row.id for row in rows)
+
+    threads = [threading.Thread(target=work, args=(f"d{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    every = [request_id for ids in taken.values() for request_id in ids]
+    assert sorted(every) == sorted(f"r{i}" for i in range(1000))  # each once, none left
+    assert sum(1 for ids in taken.values() if ids) > 1  # they really took turns
+
+
 def test_a_dead_daemons_claims_are_taken_after_its_lease_flagged_duplicate(
     postgres_url: str,
     tmp_path: Path,

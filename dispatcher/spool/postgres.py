@@ -300,9 +300,11 @@ class PostgresSpool(PostgresReader):
             " and (claimed_by is null or lease_until < %s)"
             " order by priority, next_attempt_at limit %s for update skip locked),"
             " claimed as (update requests set claimed_by = %s, lease_until = %s"
-            " from picked where requests.id = picked.id returning requests.id)"
-            f" select {ROW_COLUMNS} from claimed join requests using (id)"
-            " left join messages on messages.request_id = requests.id",
+            " from picked where requests.id = picked.id returning requests.*)"
+            # The rows as updated, not as the statement began: another daemon may have
+            # changed one after that and before this claim locked it.
+            f" select {ROW_COLUMNS} from claimed"
+            " left join messages on messages.request_id = claimed.id",
             (now, now, limit, self.owner, now + self.lease),
         ).fetchall()
         return sorted((row_of(r) for r in found), key=lambda row: (row.priority, row.due))
