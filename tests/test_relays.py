@@ -232,6 +232,17 @@ def test_the_status_table_says_whose_view_of_a_relay_it_is_when_daemons_differ()
         {"daemon": "a", "relay": "r:25", "state": "up", "since": 0.0, "reason": ""},
         {"daemon": "b", "relay": "r:25", "state": "down", "since": 0.0, "reason": "421 bye"},
     ]
-    table = status_table("spool", {}, None, [], relays)
+    report: dict[str, Any] = {
+        "spool": "spool",
+        "counts": {},
+        "oldest_waiting_seconds": None,
+        "recent_failures": [],
+        "relays": relays,
+        "overflow_refused": None,
+        "overflow_refused_dir": "refused",
+        "write_problem": None,
+        "daemons": [],
+    }
+    table = status_table(report, 0.0)
     assert "r:25" in table and "down since" in table and "421 bye  (seen by b)" in table
-    assert "seen by" not in status_table("spool", {}, None, [], relays[:1])
+    assert "seen by" not in status_table({**report, "relays": relays[:1]}, 0.0)

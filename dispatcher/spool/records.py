@@ -7,10 +7,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from dispatcher.spool.sql import ATTEMPT_COLUMNS
 from dispatcher.wire import PRIORITIES, Request, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
+FAILURE_KEYS = ("at", "state", "id", "template", "reason")
+DAEMON_KEYS = ("owner", "started_at", "last_heartbeat")
+RELAY_KEYS = ("daemon", "relay", "state", "since", "reason", "updated_at")
 
 
 class Incoming(NamedTuple):
@@ -109,3 +113,53 @@ class RelayState:
     up: bool
     since: float  # when it went down or came up
     reason: str  # why it is down; empty while up
+
+
+def relay_states(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """`Reader.relays` from rows of RELAY_COLUMNS, whatever store they came from."""
+    return [
+        dict(zip(RELAY_KEYS, (owner, relay, "up" if up else "down", *rest), strict=True))
+        for owner, relay, up, *rest in rows
+    ]
+
+
+def row_of(r: Sequence[Any]) -> Row:
+    """A `Row` from the columns of ROW_COLUMNS: JSON lists and maps are stored as text."""
+    return Row(
+        id=r[0],
+        template=r[1],
+        request=bytes(r[2]),
+        created_at=r[3],
+        attempts=r[4],
+        envelope_from=r[5],
+        recipients=None if r[6] is None else orjson.loads(r[6]),
+        delivered=orjson.loads(r[7]),
+        refused=orjson.loads(r[8]),
+        message=None if r[9] is None else bytes(r[9]),
+        message_id=r[10],
+        priority=r[11],
+        due=r[12],
+        send_at=r[13],
+    )
+
+
+def inspected(found: dict[str, Any], attempts: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """`Reader.inspect`'s answer from the INSPECTED_COLUMNS of a request and its attempts'
+    ATTEMPT_COLUMNS, whatever store they came from."""
+    report = dict(found)
+    for key in ("recipients", "delivered", "refused", "request"):
+        if report[key] is not None:
+            report[key] = orjson.loads(report[key])
+    if report["message"] is not None:
+        report["message"] = bytes(report["message"])
+    report["maybe_duplicate"] = bool(report["maybe_duplicate"])
+    report["attempt_log"] = [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in attempts]
+    return report
+
+
+def newest_failures(
+    dead: Sequence[Sequence[Any]], rejected: Sequence[Sequence[Any]], limit: int
+) -> list[dict[str, Any]]:
+    """`Reader.recent_failures` from the newest dead and rejected rows (FAILURE_KEYS each)."""
+    newest = sorted([*map(tuple, dead), *map(tuple, rejected)], reverse=True)[:limit]
+    return [dict(zip(FAILURE_KEYS, row, strict=True)) for row in newest]

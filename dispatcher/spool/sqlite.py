@@ -18,6 +18,7 @@ from dispatcher.errors import SpoolError, StartupError, StoreUnavailable, UsageE
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
 from dispatcher.spool.records import (
+    DAEMON_KEYS,
     EXCERPT_BYTES,
     STATES,
     Finish,
@@ -25,6 +26,18 @@ from dispatcher.spool.records import (
     RelayState,
     Row,
     Start,
+    inspected,
+    newest_failures,
+    relay_states,
+    row_of,
+)
+from dispatcher.spool.sql import (
+    ATTEMPT_COLUMNS,
+    CHORE,
+    HEARTBEAT,
+    INSPECTED_COLUMNS,
+    RELAY_COLUMNS,
+    ROW_COLUMNS,
 )
 from dispatcher.wire import PRIORITIES
 
@@ -35,10 +48,6 @@ PARAMETERS = 500  # ids bound per statement, under SQLite's limit
 # NOMEM, READONLY (a file system remounted read-only), IOERR, FULL, CANTOPEN, PROTOCOL.
 PASSING = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
 LOW_SPACE = 1024 * 1024  # free bytes under which `status` warns that the spool's disk is full
-ROW_COLUMNS = (
-    "id, template, request, created_at, attempts, envelope_from, recipients, delivered,"
-    " refused, data, message_id, priority, next_attempt_at, send_at"
-)
 
 
 class SqliteReader:
@@ -63,6 +72,7 @@ class SqliteReader:
         except sqlite3.Error as exc:  # a reader creates the -shm file when no daemon has it
             why = "; ".join(filter(None, [str(exc), self.write_problem()]))
             raise SpoolError(f"spool.path: cannot read {path}: {why}") from None
+        self.version = int(version)
         if version > sqlite_schema.VERSION:
             raise SpoolError(f"spool.path: {path} was written by a newer dispatcher")
 
@@ -119,9 +129,7 @@ class SqliteReader:
             " order by id desc limit ?",
             (limit,),
         ).fetchall()
-        newest = sorted(dead + rejected, reverse=True)[:limit]
-        keys = ("at", "state", "id", "template", "reason")
-        return [dict(zip(keys, row, strict=True)) for row in newest]
+        return newest_failures(dead, rejected, limit)
 
     def failures_mark(self) -> str:
         (dead, latest) = self.db.execute(
@@ -134,42 +142,34 @@ class SqliteReader:
         cursor = self.db.cursor()
         cursor.row_factory = sqlite3.Row  # this cursor only: columns by name
         found = cursor.execute(
-            "select id, state, template, priority, created_at, updated_at, next_attempt_at,"
-            " attempts, recipients, delivered, refused, last_reply, maybe_duplicate, request,"
-            " message_id, envelope_from, data as message from requests"
+            f"select {INSPECTED_COLUMNS} from requests"
             " left join messages on messages.request_id = requests.id where id = ?",
             (request_id,),
         ).fetchone()
         if found is None:
             return None
-        report = dict(found)
-        for key in ("recipients", "delivered", "refused", "request"):
-            if report[key] is not None:
-                report[key] = orjson.loads(report[key])
-        report["maybe_duplicate"] = bool(report["maybe_duplicate"])
-        report["attempt_log"] = [
-            dict(attempt)
-            for attempt in cursor.execute(
-                "select number, started_at, finished_at, outcome, code, reply from attempts"
-                " where request_id = ? order by number",
-                (request_id,),
-            )
-        ]
-        return report
+        attempts = self.db.execute(
+            f"select {', '.join(ATTEMPT_COLUMNS)} from attempts"
+            " where request_id = ? order by number",
+            (request_id,),
+        ).fetchall()
+        return inspected(dict(found), attempts)
+
+    def daemons(self) -> list[dict[str, Any]]:
+        if self.version < 3:  # a spool no daemon of this release has opened yet
+            return []
+        rows = self.db.execute(
+            "select owner, started_at, last_heartbeat from daemons order by last_heartbeat desc"
+        ).fetchall()
+        return [dict(zip(DAEMON_KEYS, row, strict=True)) for row in rows]
 
     def relays(self) -> list[dict[str, Any]]:
-        try:
-            found = self.db.execute(
-                "select owner, relay, up, since, reason, updated_at from relays"
-                " order by owner, rowid"
-            ).fetchall()
-        except sqlite3.OperationalError:  # a spool no daemon of this release has opened yet
+        if self.version < 2:  # a spool no daemon of this release has opened yet
             return []
-        keys = ("daemon", "relay", "state", "since", "reason", "updated_at")
-        return [
-            dict(zip(keys, (owner, relay, "up" if up else "down", *rest), strict=True))
-            for owner, relay, up, *rest in found
-        ]
+        found = self.db.execute(
+            f"select {RELAY_COLUMNS} from relays order by owner, rowid"  # as configured
+        ).fetchall()
+        return relay_states(found)
 
 
 class SqliteSpool(SqliteReader):
@@ -192,6 +192,7 @@ class SqliteSpool(SqliteReader):
             self.db.execute("pragma foreign_keys=on")
             with self.transaction() as db:
                 sqlite_schema.migrate(db)
+            self.version = sqlite_schema.VERSION
         except (OSError, sqlite3.Error, ValueError, StoreUnavailable) as exc:
             raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
 
@@ -309,7 +310,7 @@ class SqliteSpool(SqliteReader):
                 )
             ]
             found.sort(key=lambda r: (r[11], r[12]))
-            rows = [_row(r) for r in found[:limit]]
+            rows = [row_of(r) for r in found[:limit]]
             db.executemany(
                 "update requests set claimed_by = ?, lease_until = ? where id = ?",
                 [(self.owner, now + self.lease, row.id) for row in rows],
@@ -334,6 +335,14 @@ class SqliteSpool(SqliteReader):
                 (now + self.lease, self.owner),
             )
             return self._free(db, now, "claimed_by != ? and lease_until < ?", (self.owner, now))
+
+    def heartbeat(self, now: float, *, starting: bool = False) -> None:
+        with self.transaction(durable=False) as db:
+            db.execute(HEARTBEAT, (self.owner, now, now, starting))
+
+    def due(self, chore: str, every: float, now: float) -> bool:
+        with self.transaction(durable=False) as db:
+            return db.execute(CHORE, (chore, now, self.owner, every)).fetchone() is not None
 
     def recover(self, now: float) -> int:
         with self.transaction() as db:
@@ -496,22 +505,3 @@ class SqliteSpool(SqliteReader):
             purged += len(ids)
             if len(ids) < batch or purged == limit:
                 return purged
-
-
-def _row(r: tuple[Any, ...]) -> Row:
-    return Row(
-        id=r[0],
-        template=r[1],
-        request=r[2],
-        created_at=r[3],
-        attempts=r[4],
-        envelope_from=r[5],
-        recipients=None if r[6] is None else orjson.loads(r[6]),
-        delivered=orjson.loads(r[7]),
-        refused=orjson.loads(r[8]),
-        message=r[9],
-        message_id=r[10],
-        priority=r[11],
-        due=r[12],
-        send_at=r[13],
-    )
