@@ -269,11 +269,6 @@ def test_one_idempotency_key_sent_to_two_daemons_yields_one_mail(
     assert len(smtp_server.messages) == 1
 
 
-@pytest.mark.xfail(
-    reason="needs the daemon to pause and resume on StoreUnavailable (issue 19, `reliability`);"
-    " until then the spool raises it and the daemon ends",
-    strict=False,
-)
 def test_postgres_restarted_while_requests_flow_loses_nothing(
     own_server: PostgresServer,
     tmp_path: Path,
@@ -295,10 +290,39 @@ def test_postgres_restarted_while_requests_flow_loses_nothing(
     assert flushed, daemon.log
     daemon.wait_for_counts(sent=300, timeout=90)
     assert daemon.alive
+    assert "store available again" in daemon.log  # it waited out the outage by itself
     delivered = Counter(
         m.message_id.strip("<>").split("@")[0] for m in smtp_server.messages if m.message_id
     )
     assert set(delivered) == set(sent_ids)
+
+
+def test_a_daemon_started_while_postgres_is_down_serves_once_it_is_up(
+    own_server: PostgresServer,
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    run_daemon: Callable[..., InProcessDaemon],
+) -> None:
+    url = own_server.create_database("spool")  # no schema yet: the daemon makes it when up
+    own_server.stop()
+    settings = write_settings(tmp_path, smtp_server.port, spool={"url": url})
+    daemon = run_daemon(settings)
+    with Client(load_settings(settings, environ={})) as client:
+        sent_ids = [
+            client.enqueue_email("welcome", to=f"u{i}@example.com", context=ADA) for i in range(20)
+        ]
+        own_server.start()
+        flushed = client.flush(60)
+    assert flushed, daemon.log
+    daemon.wait_for_counts(sent=20, timeout=60)
+    assert daemon.alive
+    assert "the schema is checked once the database answers" in daemon.log
+    delivered = {
+        m.message_id.strip("<>").split("@")[0] for m in smtp_server.messages if m.message_id
+    }
+    assert delivered == set(sent_ids)
+    with open_reader(SpoolSettings(url=url)) as reader:
+        assert len(reader.daemons()) == 1  # its starting heartbeat, beaten once it could
 
 
 def test_the_queue_commands_work_on_a_postgresql_spool(postgres_url: str, tmp_path: Path) -> None:

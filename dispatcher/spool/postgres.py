@@ -7,6 +7,7 @@ that may pass (the server restarting, the network, a timeout) raises `StoreUnava
 drops the connection; the next call connects again.
 """
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
@@ -48,6 +49,8 @@ except ImportError:  # an optional extra: the SQLite spool needs none of it
         "spool.url: a PostgreSQL spool needs psycopg 3: pip install 'dispatcher[postgres]'"
     ) from None
 
+log = logging.getLogger(__name__)
+
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
 PURGE_BATCH = 5000  # requests deleted per transaction
 # Sent on connecting: our tables, and no statement that hangs the daemon's loop for long.
@@ -73,6 +76,8 @@ UNAVAILABLE = (
 # statistics of a queue table that filled a moment ago, would sort or scan every waiting row
 # on each claim until autovacuum caught up.
 BOOKKEEPING = "set synchronous_commit = off; set enable_seqscan = off; set enable_bitmapscan = off"
+# What libpq says when the server answered but refused the connection's settings.
+REFUSED_BY_SERVER = ("password", "authentication", "does not exist", "pg_hba.conf", "denied")
 DURABLE = "select set_config('synchronous_commit', 'on', true)"  # this transaction waits
 
 
@@ -224,17 +229,9 @@ class PostgresReader:
         return relay_states(found)
 
     def write_problem(self) -> str | None:
-        """A server in recovery (a standby, or the old primary after a failover) refuses every
-        write. Only said for a URL of one host: of a list, this reader may be on a standby
-        while the daemons write to the primary."""
-        with self._unavailable_as(StoreUnavailable):
-            info = self._connection().info
-            if "," in info.host:
-                return None
-            ((standby,),) = self._query("select pg_is_in_recovery()")
-        if not standby:
-            return None
-        return f"the database server {info.host}:{info.port} is read-only (in recovery)"
+        """None: a client cannot see the server's disk. A server that is down fails the report
+        itself; any other failing write is named in the daemon's log and its status line."""
+        return None
 
 
 class PostgresSpool(PostgresReader):
@@ -243,16 +240,27 @@ class PostgresSpool(PostgresReader):
     def __init__(self, settings: SpoolSettings, owner: str) -> None:
         self.owner = owner
         self.lease = settings.lease
+        self.migrated = False
         try:
-            super().__init__(settings, read_only=False)
-            with self._unavailable_as(SpoolError), self._connection().transaction():
-                postgres_schema.migrate(self._connection().cursor())
+            super().__init__(settings, read_only=False)  # connects, then migrates (below)
         except SpoolError as exc:  # it names the URL already
             self.close()
-            raise StartupError(str(exc)) from None
-        except ValueError as exc:
-            self.close()
-            raise StartupError(f"spool.url: cannot open {settings.url}: {exc}") from None
+            if not _unreachable(exc):
+                raise StartupError(str(exc)) from None
+            log.warning("%s; the schema is checked once the database answers", exc)
+
+    def _connection(self) -> "psycopg.Connection[Any]":
+        """The open connection; the first one migrates the schema, so that a daemon that
+        starts while the database is down serves (its writes unavailable) until it is up."""
+        db = super()._connection()
+        if not self.migrated:
+            try:
+                with db.transaction():
+                    postgres_schema.migrate(db.cursor())
+            except ValueError as exc:  # a newer release's schema: nothing is written to it
+                raise StoreUnavailable(f"spool.url {self.settings.url}: {exc}") from None
+            self.migrated = True
+        return db
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator["psycopg.Cursor[Any]"]:
@@ -528,6 +536,13 @@ FINISHES = (
     " from f where requests.id = f.id"
     " and (requests.claimed_by is null or requests.claimed_by = %s)"
 )
+
+
+def _unreachable(exc: SpoolError) -> bool:
+    """Whether the server could not be reached (it may be later), rather than refused these
+    settings (a password, a database name: a mistake to report at start)."""
+    refused = any(word in str(exc) for word in REFUSED_BY_SERVER)
+    return isinstance(exc.__cause__, UNAVAILABLE) and not refused
 
 
 def _start(s: Start) -> tuple[Any, ...]:
