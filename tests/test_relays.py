@@ -17,9 +17,10 @@ import pytest
 from dispatcher import cli
 from dispatcher.admin import status_table
 from dispatcher.client import Client
-from dispatcher.settings import load_settings
-from dispatcher.spool.sqlite import SqliteReader
+from dispatcher.settings import SpoolSettings, load_settings
+from dispatcher.spool import open_reader
 from tests.daemon import InProcessDaemon, write_settings
+from tests.postgres import spool_section
 from tests.relay_server import RelayServer, relay_server  # noqa: F401  (fixture)
 from tests.smtp_server import SmtpServer, free_port
 
@@ -27,12 +28,13 @@ CONTEXT = {"name": "Ada", "activate_url": "https://example.com/a"}
 PROBE = [0.2, 0.5]
 
 
-def settings(tmp_path: Path, port: int, **smtp: Any) -> Path:
+def settings(tmp_path: Path, port: int, spool: SpoolSettings | None = None, **smtp: Any) -> Path:
     return write_settings(
         tmp_path,
         port,
         smtp={"connections": 4, "timeout": 2, "probe": PROBE, **smtp},
         retry={"attempts": 3, "backoff": [0.05, 0.3], "max_age": 600},
+        **({} if spool is None else {"spool": spool_section(spool)}),
     )
 
 
@@ -69,10 +71,12 @@ def test_a_relay_greeting_421_holds_the_queue_with_no_attempt_used_then_drains_i
     relay_server: RelayServer,  # noqa: F811
     run_daemon: Callable[..., InProcessDaemon],
     capsys: pytest.CaptureFixture[str],
+    store: SpoolSettings,
 ) -> None:
+    """On each store: the relays' states are kept in the spool, for `status`."""
     relay_server.greeting = "421 4.3.2 Service not available"
     metrics_port = free_port()
-    path = settings(tmp_path, relay_server.port)
+    path = settings(tmp_path, relay_server.port, store)
     path.write_text(path.read_text() + f"metrics:\n  bind: 127.0.0.1:{metrics_port}\n")
     daemon = run_daemon(path)
     relay = f"127.0.0.1:{relay_server.port}"
@@ -98,7 +102,7 @@ def test_a_relay_greeting_421_holds_the_queue_with_no_attempt_used_then_drains_i
         == sorted({m.message_id or "" for m in relay_server.messages})
         and len(relay_server.messages) == 30
     )  # each once
-    with SqliteReader(daemon.settings.spool.path) as spool:
+    with open_reader(daemon.settings.spool) as spool:
         attempts = {(spool.inspect(i) or {})["attempts"] for i in ids}
     assert attempts == {1}  # only the one that went through: the relay's failures used none
     assert len(relay_lines(daemon, " down: ")) == 1 and len(relay_lines(daemon, "up again")) == 1
