@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import orjson
 
-from dispatcher.errors import SettingsError, SpoolError, StartupError, StoreUnavailable, UsageError
+from dispatcher.errors import SettingsError, SpoolError, StartupError, StoreUnavailable
 from dispatcher.settings import SpoolSettings
 from dispatcher.spool import postgres_schema
 from dispatcher.spool.records import (
@@ -28,6 +28,7 @@ from dispatcher.spool.records import (
     Start,
     inspected,
     newest_failures,
+    purge_in_batches,
     relay_states,
     row_of,
 )
@@ -38,6 +39,7 @@ from dispatcher.spool.sql import (
     INSPECTED_COLUMNS,
     RELAY_COLUMNS,
     ROW_COLUMNS,
+    UNCLAIM_WAITING,
 )
 from dispatcher.wire import PRIORITIES
 
@@ -52,7 +54,6 @@ except ImportError:  # an optional extra: the SQLite spool needs none of it
 log = logging.getLogger(__name__)
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
-PURGE_BATCH = 5000  # requests deleted per transaction
 # Sent on connecting: our tables, and no statement that hangs the daemon's loop for long.
 SESSION = f"set search_path to {postgres_schema.SCHEMA_NAME}; set statement_timeout = '30s'"
 # libpq options unless the URL sets them: a dead server or network is noticed in seconds.
@@ -403,11 +404,7 @@ class PostgresSpool(PostgresReader):
             (now, now, *args),
         )
         (interrupted,) = cursor.fetchone() or (0,)
-        cursor.execute(
-            "update requests set claimed_by = null, lease_until = null"
-            f" where claimed_by is not null and state in ('queued', 'retry') and {which}",
-            args,
-        )
+        cursor.execute(UNCLAIM_WAITING + which, args)
         return int(interrupted)
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
@@ -484,23 +481,18 @@ class PostgresSpool(PostgresReader):
     ) -> int:
         """Deletes in transactions of at most PURGE_BATCH requests (their attempts and
         messages go with them); rows another purge holds are skipped, not waited for."""
-        if state not in ("sent", "dead"):
-            raise UsageError(f"only sent or dead requests can be purged, not {state!r}")
-        cutoff = float("inf") if older_than is None else now - older_than
-        purged = 0
-        while True:
-            batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
-            with self.transaction(durable=False) as cursor:
-                cursor.execute(
-                    "with gone as (delete from requests where id in (select id from requests"
-                    " where state = %s and updated_at <= %s limit %s for update skip locked)"
-                    " returning 1) select count(*) from gone",
-                    (state, cutoff, batch),
-                )
-                (deleted,) = cursor.fetchone() or (0,)
-            purged += deleted
-            if deleted < batch or purged == limit:
-                return purged
+        return purge_in_batches(state, older_than, now, limit, self._delete)
+
+    def _delete(self, state: str, cutoff: float, batch: int) -> int:
+        with self.transaction(durable=False) as cursor:
+            cursor.execute(
+                "with gone as (delete from requests where id in (select id from requests"
+                " where state = %s and updated_at <= %s limit %s for update skip locked)"
+                " returning 1) select count(*) from gone",
+                (state, cutoff, batch),
+            )
+            (deleted,) = cursor.fetchone() or (0,)
+        return int(deleted)
 
 
 # Attempts begun: the request is `sending`, its message kept (rendered once: a retry keeps the

@@ -1,18 +1,20 @@
 """What goes into the spool and comes out of it, whatever store holds it."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
 
+from dispatcher.errors import UsageError
 from dispatcher.spool.sql import ATTEMPT_COLUMNS
 from dispatcher.wire import PRIORITIES, Request, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
 FAILURE_KEYS = ("at", "state", "id", "template", "reason")
+PURGE_BATCH = 5000  # requests deleted per transaction
 DAEMON_KEYS = ("owner", "started_at", "last_heartbeat")
 RELAY_KEYS = ("daemon", "relay", "state", "since", "reason", "updated_at")
 
@@ -163,3 +165,25 @@ def newest_failures(
     """`Reader.recent_failures` from the newest dead and rejected rows (FAILURE_KEYS each)."""
     newest = sorted([*map(tuple, dead), *map(tuple, rejected)], reverse=True)[:limit]
     return [dict(zip(FAILURE_KEYS, row, strict=True)) for row in newest]
+
+
+def purge_in_batches(
+    state: str,
+    older_than: float | None,
+    now: float,
+    limit: int | None,
+    delete: Callable[[str, float, int], int],
+) -> int:
+    """`Spool.purge` for any store: `delete(state, cutoff, n)` deletes, in one transaction, up
+    to n requests in `state` last updated at `cutoff` or before and says how many; it is
+    called until fewer are left or `limit` are gone."""
+    if state not in ("sent", "dead"):
+        raise UsageError(f"only sent or dead requests can be purged, not {state!r}")
+    cutoff = float("inf") if older_than is None else now - older_than
+    purged = 0
+    while True:
+        batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
+        deleted = delete(state, cutoff, batch)
+        purged += deleted
+        if deleted < batch or purged == limit:
+            return purged

@@ -26,3 +26,9 @@ CHORE = (
     " on conflict (name) do update set last_run = excluded.last_run, run_by = excluded.run_by"
     " where chores.last_run <= excluded.last_run - ? returning name"
 )
+# Ends the claims on requests not begun: the store's own condition (in its placeholders)
+# follows the `and`.
+UNCLAIM_WAITING = (
+    "update requests set claimed_by = null, lease_until = null"
+    " where claimed_by is not null and state in ('queued', 'retry') and "
+)

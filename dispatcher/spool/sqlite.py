@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import orjson
 
-from dispatcher.errors import SpoolError, StartupError, StoreUnavailable, UsageError
+from dispatcher.errors import SpoolError, StartupError, StoreUnavailable
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
 from dispatcher.spool.records import (
@@ -28,6 +28,7 @@ from dispatcher.spool.records import (
     Start,
     inspected,
     newest_failures,
+    purge_in_batches,
     relay_states,
     row_of,
 )
@@ -38,11 +39,11 @@ from dispatcher.spool.sql import (
     INSPECTED_COLUMNS,
     RELAY_COLUMNS,
     ROW_COLUMNS,
+    UNCLAIM_WAITING,
 )
 from dispatcher.wire import PRIORITIES
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
-PURGE_BATCH = 5000  # requests deleted per transaction
 PARAMETERS = 500  # ids bound per statement, under SQLite's limit
 # Primary result codes of a write that may succeed later: BUSY, LOCKED (past the busy timeout),
 # NOMEM, READONLY (a file system remounted read-only), IOERR, FULL, CANTOPEN, PROTOCOL.
@@ -365,11 +366,7 @@ class SqliteSpool(SqliteReader):
             f" where state = 'sending' and {which}",
             (now, now, *args),
         ).rowcount
-        db.execute(
-            "update requests set claimed_by = null, lease_until = null"
-            f" where claimed_by is not null and state in ('queued', 'retry') and {which}",
-            args,
-        )
+        db.execute(UNCLAIM_WAITING + which, args)
         return int(interrupted)
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
@@ -488,20 +485,15 @@ class SqliteSpool(SqliteReader):
         """Deletes in transactions of at most PURGE_BATCH requests, so the daemon writing to
         the same spool never waits long for the lock; `limit` bounds one call, so the daemon
         can prune a backlog in slices between its other work."""
-        if state not in ("sent", "dead"):
-            raise UsageError(f"only sent or dead requests can be purged, not {state!r}")
-        cutoff = float("inf") if older_than is None else now - older_than
-        purged = 0
-        while True:
-            batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
-            with self.transaction(durable=False) as db:
-                ids = db.execute(
-                    "select id from requests where state = ? and updated_at <= ? limit ?",
-                    (state, cutoff, batch),
-                ).fetchall()
-                db.executemany("delete from attempts where request_id = ?", ids)
-                db.executemany("delete from messages where request_id = ?", ids)
-                db.executemany("delete from requests where id = ?", ids)
-            purged += len(ids)
-            if len(ids) < batch or purged == limit:
-                return purged
+        return purge_in_batches(state, older_than, now, limit, self._delete)
+
+    def _delete(self, state: str, cutoff: float, batch: int) -> int:
+        with self.transaction(durable=False) as db:
+            ids = db.execute(
+                "select id from requests where state = ? and updated_at <= ? limit ?",
+                (state, cutoff, batch),
+            ).fetchall()
+            db.executemany("delete from attempts where request_id = ?", ids)
+            db.executemany("delete from messages where request_id = ?", ids)
+            db.executemany("delete from requests where id = ?", ids)
+        return len(ids)
