@@ -89,11 +89,11 @@ class Delivery:
         """Free what this daemon's earlier life held and beat its starting heartbeat: first, as
         nothing may be claimed before; waiting, while the store cannot be written, with intake
         already serving."""
-        recovered = await self.observer.store.retry("leases", self.start)
+        recovered = await self.observer.store.retry("leases", self.start_life)
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
 
-    def start(self) -> int:
+    def start_life(self) -> int:
         """Free the earlier life's claims, then say this daemon started (`dispatcher status`)."""
         recovered = self.spool.recover(now())
         self.spool.heartbeat(now(), starting=True)
