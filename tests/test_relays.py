@@ -71,12 +71,10 @@ def test_a_relay_greeting_421_holds_the_queue_with_no_attempt_used_then_drains_i
     relay_server: RelayServer,  # noqa: F811
     run_daemon: Callable[..., InProcessDaemon],
     capsys: pytest.CaptureFixture[str],
-    store: SpoolSettings,
 ) -> None:
-    """On each store: the relays' states are kept in the spool, for `status`."""
     relay_server.greeting = "421 4.3.2 Service not available"
     metrics_port = free_port()
-    path = settings(tmp_path, relay_server.port, store)
+    path = settings(tmp_path, relay_server.port)
     path.write_text(path.read_text() + f"metrics:\n  bind: 127.0.0.1:{metrics_port}\n")
     daemon = run_daemon(path)
     relay = f"127.0.0.1:{relay_server.port}"
@@ -161,22 +159,29 @@ def test_mail_fails_over_to_the_fallback_and_goes_back_to_the_primary(
     relay_server: RelayServer,  # noqa: F811
     smtp_server: SmtpServer,
     run_daemon: Callable[..., InProcessDaemon],
+    capsys: pytest.CaptureFixture[str],
+    store: SpoolSettings,
 ) -> None:
+    """On each store: the relays' states are kept in the spool, for `status`."""
     relay_server.greeting = "421 4.3.2 Service not available"
     fallback = {"host": "127.0.0.1", "port": smtp_server.port, "connections": 2}
-    path = settings(tmp_path, relay_server.port, fallback=[fallback])
+    path = settings(tmp_path, relay_server.port, store, fallback=[fallback])
     daemon = run_daemon(path)
 
     enqueue(path, 20)
     daemon.wait_for_counts(sent=20, dead=0)
     assert len(smtp_server.messages) == 20 and relay_server.messages == []
     daemon.wait_for_log(f"sending through 127.0.0.1:{smtp_server.port}")
+    shown = [(r["relay"], r["state"]) for r in status(path, capsys)["relays"]]
+    primary, second = f"127.0.0.1:{relay_server.port}", f"127.0.0.1:{smtp_server.port}"
+    assert shown == [(primary, "down"), (second, "up")]
 
     relay_server.greeting = None
     daemon.wait_for_log(f"relay 127.0.0.1:{relay_server.port} up again")
     enqueue(path, 10, domain="example.org")
     daemon.wait_for_counts(sent=30, dead=0)
     assert len(relay_server.wait_for(10)) == 10 and len(smtp_server.messages) == 20
+    assert [r["state"] for r in status(path, capsys)["relays"]] == ["up", "up"]
 
 
 def test_a_throttling_relay_is_slowed_and_every_request_is_delivered(
