@@ -5,6 +5,7 @@ with Postfix's smtp-sink (`apt-get install postfix`; only /usr/sbin/smtp-sink is
 
     python benchmarks/delivery.py [--mails 5000] [--connections 8]
         [--slow-mails 3000] [--slow-connections 8,32,128] [--delay 0.05]
+        [--spool-url postgresql://...]
 
 1. smtp-sink answering at once: `--mails` templated requests enqueued with `enqueue_email()`
    and timed until the daemon's spool has them all `sent`, beside the ceiling of that server and
@@ -16,11 +17,17 @@ with Postfix's smtp-sink (`apt-get install postfix`; only /usr/sbin/smtp-sink is
 3. Daemon CPU seconds per 1,000 mails (its whole process tree, from the first enqueue to the
    last `sent`), beside the blasting client's own CPU per 1,000 mails.
 
+Each run is made on a SQLite spool, then on a PostgreSQL one; the smtp-sink run also with three
+daemons on one PostgreSQL database (each with `--connections`, the client connected to all
+three). `--spool-url`: a PostgreSQL server to make (and drop) scratch databases on (its role
+needs CREATEDB); without it a throw-away server is started from Debian's binaries, fsync on.
+
 Every server is a real process on 127.0.0.1; nothing leaves the machine.
 """
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import socket
@@ -39,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
-from benchmarks.common import CONTEXT  # noqa: E402
+from benchmarks.common import CONTEXT, ask, postgres_databases, spool_section  # noqa: E402
 from dispatcher import client  # noqa: E402
 from dispatcher.render import Renderer  # noqa: E402
-from dispatcher.spool.sqlite import SqliteReader  # noqa: E402
+from dispatcher.settings import SpoolSettings  # noqa: E402
 from dispatcher.wire import validate  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 from tests.smtp_server import free_port  # noqa: E402
@@ -133,41 +140,61 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def wait_sent(spool_path: Path, total: int, pid: int) -> float:
+def wait_sent(spool: SpoolSettings, total: int) -> float:
     """Bounded poll until `total` requests are sent; returns when the last one was recorded
     (its `updated_at`), so the poll can be slow and cheap and take no CPU from the daemon."""
     deadline = time.monotonic() + WAIT_LIMIT
-    with SqliteReader(spool_path) as spool:
-        while True:
-            sent, failed = spool.db.execute(
-                "select (select count(*) from requests where state = 'sent'),"
-                " (select count(*) from requests where state = 'dead')"
-                " + (select count(*) from rejected)"
-            ).fetchone()
-            if sent >= total:
-                (last,) = spool.db.execute(
-                    "select max(updated_at) from requests where state = 'sent'"
-                ).fetchone()
-                return float(last)
-            if failed or time.monotonic() > deadline:
-                raise SystemExit(f"daemon {pid}: {sent} sent, {failed} dead or rejected")
-            time.sleep(0.1)
+    while True:
+        sent, failed = ask(
+            spool,
+            "select (select count(*) from requests where state = 'sent'),"
+            " (select count(*) from requests where state = 'dead')"
+            " + (select count(*) from rejected)",
+        )
+        if sent >= total:
+            (last,) = ask(spool, "select max(updated_at) from requests where state = 'sent'")
+            return float(last)
+        if failed or time.monotonic() > deadline:
+            raise SystemExit(f"{spool.where()}: {sent} sent, {failed} dead or rejected")
+        time.sleep(0.1)
 
 
-def end_to_end(folder: Path, port: int, mails: int, connections: int) -> Figures:
-    """Enqueue `mails` templated requests and time them until all are sent."""
-    settings = write_settings(folder, port, smtp={"connections": connections, "timeout": 60})
-    daemon = DaemonProcess(settings)
+def end_to_end(
+    folder: Path, port: int, mails: int, connections: int, url: str | None = None, daemons: int = 1
+) -> Figures:
+    """Enqueue `mails` templated requests and time them until all are sent: by one daemon, or
+    by `daemons` on one PostgreSQL `url`, the client connected to all of them."""
+    running: list[DaemonProcess] = []
     try:
-        dispatcher.configure(settings)
-        cpu, start = tree_cpu_seconds(daemon.process.pid), time.time()  # the spool's clock
+        for n in range(daemons):
+            (folder / f"d{n}").mkdir()
+            settings = write_settings(
+                folder / f"d{n}",
+                port,
+                smtp={"connections": connections, "timeout": 60},
+                spool=spool_section(url),
+            )
+            running.append(DaemonProcess(settings))
+        client_settings = write_settings(
+            folder,
+            port,
+            client={
+                "connect": [d.settings.intake.bind for d in running],
+                "acks": [d.settings.intake.acks for d in running],
+                "overflow_dir": "overflow",
+            },
+        )
+        dispatcher.configure(client_settings)
+        pids = [d.process.pid for d in running]
+        cpu, start = sum(map(tree_cpu_seconds, pids)), time.time()  # the spool's clock
         for i in range(mails):
             dispatcher.enqueue_email("welcome", to=f"user{i}@example.com", context=CONTEXT)
-        elapsed = wait_sent(daemon.settings.spool.path, mails, daemon.process.pid) - start
-        cpu = tree_cpu_seconds(daemon.process.pid) - cpu
+        elapsed = wait_sent(running[0].settings.spool, mails) - start
+        cpu = sum(map(tree_cpu_seconds, pids)) - cpu
     finally:
         client.close()
-        daemon.stop()
+        for daemon in running:
+            daemon.stop()
     return Figures(mails / elapsed, cpu / mails * 1000)
 
 
@@ -184,12 +211,27 @@ def main() -> None:
     parser.add_argument("--slow-connections", default="8,32,128")
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--skip-slow", action="store_true", help="only the smtp-sink run")
+    parser.add_argument("--spool-url", help="a PostgreSQL server to make scratch databases on")
     args = parser.parse_args()
     if not shutil.which(SMTP_SINK):
         raise SystemExit(f"{SMTP_SINK} not found: apt-get install postfix (only smtp-sink is used)")
     message = prebuilt_message()
     header = f"  {'':<46}{'mails/s':>10} {'share':>6}   CPU/1,000 mails"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, postgres_databases(args.spool_url) as database:
+        runs = itertools.count()
+
+        def stores(connections: int, mails: int, port: int, ceiling: Figures) -> Figures:
+            """The run on SQLite, then on PostgreSQL; prints both, returns SQLite's."""
+            figures = {}
+            for name, url in [("SQLite", None), ("PostgreSQL", database())]:
+                folder = Path(tmp, f"run{next(runs)}")
+                folder.mkdir()
+                figures[name] = end_to_end(folder, port, mails, connections, url)
+                print(row(f"dispatcher on {name}: enqueue -> sent", figures[name], ceiling))
+            share = figures["PostgreSQL"].rate / figures["SQLite"].rate
+            print(f"  {'PostgreSQL / SQLite':<46}{share:18.0%}", flush=True)
+            return figures["SQLite"]
+
         port = free_port()
         print(
             f"\n{args.mails:,} mails, {args.connections} connections, smtp-sink answering at once"
@@ -198,10 +240,12 @@ def main() -> None:
         with server(smtp_sink(port), port):
             ceiling = blast(port, message, args.mails, args.connections)
             print(row("ceiling: aiosmtplib blasting prebuilt bytes", ceiling), flush=True)
-            folder = Path(tmp, "sink")
+            sqlite = stores(args.connections, args.mails, port, ceiling)
+            folder = Path(tmp, "three")
             folder.mkdir()
-            figures = end_to_end(folder, port, args.mails, args.connections)
-            print(row("dispatcher: enqueue -> sent", figures, ceiling), flush=True)
+            three = end_to_end(folder, port, args.mails, args.connections, database(), daemons=3)
+            print(row("three daemons on one PostgreSQL", three, ceiling))
+            print(f"  {'three on PostgreSQL / one on SQLite':<46}{three.rate / sqlite.rate:18.0%}")
         if args.skip_slow:
             return
         for connections in (int(n) for n in args.slow_connections.split(",")):
@@ -215,11 +259,8 @@ def main() -> None:
             with server(slow_server(port, args.delay), port):
                 ceiling = blast(port, message, args.slow_mails, connections)
                 print(row("ceiling: aiosmtplib blasting prebuilt bytes", ceiling), flush=True)
-                folder = Path(tmp, f"slow{connections}")
-                folder.mkdir()
-                figures = end_to_end(folder, port, args.slow_mails, connections)
-                print(row("dispatcher: enqueue -> sent", figures, ceiling), flush=True)
-                print(f"  {'share of connections / delay':<46}{figures.rate / ideal:18.0%}")
+                figures = stores(connections, args.slow_mails, port, ceiling)
+                print(f"  {'SQLite: share of connections / delay':<46}{figures.rate / ideal:18.0%}")
     print(
         f"\n(share: of the ceiling measured just before in the same run; "
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs)"

@@ -6,7 +6,6 @@ answers into text an operator reads at 3 a.m., and parses what the operator type
 
 import re
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -49,45 +48,67 @@ def timestamp(when: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
-def status_table(
-    spool: str,
-    counts: dict[str, int],
-    oldest_age: float | None,
-    failures: list[dict[str, Any]],
-    relays: Sequence[dict[str, Any]] = (),
-    problem: str | None = None,
-) -> str:
-    """`dispatcher status` for people: counts by state, the oldest wait, the relays as the
-    daemons last saw them, recent failures."""
-    lines = [f"spool {spool}", "", f"{'state':<10}{'requests':>10}"]
-    if problem is not None:  # first: it explains everything below
+def status_table(report: dict[str, Any], at: float) -> str:
+    """`dispatcher status` for people, from the report `--json` prints: counts by state, the
+    oldest wait, the relays as the daemons last saw them, recent failures, refused overflow
+    files, the daemons. `at` is when the report was made."""
+    lines = [f"spool {report['spool']}", "", f"{'state':<10}{'requests':>10}"]
+    if report["write_problem"] is not None:  # first: it explains everything below
         lines[1:1] = [
             "",
-            f"WARNING: {problem}: the daemon cannot accept requests (clients keep them)",
+            f"WARNING: {report['write_problem']}: the daemon cannot accept requests"
+            " (clients keep them)",
         ]
-    for state, n in counts.items():
+    for state, n in report["counts"].items():
         note = "  (frames refused at intake)" if state == "rejected" else ""
         lines.append(f"{state:<10}{n:>10}{note}")
     lines.append("")
-    waited = "nothing waits" if oldest_age is None else duration(oldest_age)
-    lines.append(f"oldest waiting request: {waited}")
-    if relays:
-        lines += ["", "relays:"]
-    several = len({relay["daemon"] for relay in relays}) > 1  # then say whose view each is
+    oldest = report["oldest_waiting_seconds"]
+    lines.append(
+        f"oldest waiting request: {'nothing waits' if oldest is None else duration(oldest)}"
+    )
+    lines += _relay_lines(report["relays"])
+    if report["recent_failures"]:
+        lines += ["", "recent failures:"]
+    for failure in report["recent_failures"]:
+        lines.append(
+            f"  {timestamp(failure['at'])}  {failure['state']:<8}  {failure['id'] or '-':<32}"
+            f"  {failure['template'] or '-'}  {failure['reason']}"
+        )
+    if report["overflow_refused"]:
+        lines += [
+            "",
+            f"{report['overflow_refused']} overflow files refused (not sealed by an allowed key),"
+            f" kept in {report['overflow_refused_dir']}",
+        ]
+    return "\n".join([*lines, "", *_daemon_lines(report["daemons"], at)])
+
+
+def _relay_lines(relays: list[dict[str, Any]]) -> list[str]:
+    """Each relay's state, naming whose view it is when several daemons recorded theirs."""
+    lines = ["", "relays:"] if relays else []
+    several = len({relay["daemon"] for relay in relays}) > 1
     for relay in relays:
         state = relay["state"]
         if state == "down":
             state += f" since {timestamp(relay['since'])}: {relay['reason']}"
         seen_by = f"  (seen by {relay['daemon']})" if several else ""
         lines.append(f"  {relay['relay']:<32}  {state}{seen_by}")
-    if failures:
-        lines += ["", "recent failures:"]
-    for failure in failures:
+    return lines
+
+
+def _daemon_lines(daemons: list[dict[str, Any]], at: float) -> list[str]:
+    """The daemons that beat on the spool: alive while their last beat is under `spool.lease`
+    old (they beat every third of one), as the lease ends their claims then."""
+    lines = [f"daemons: {sum(d['alive'] for d in daemons)} alive"]
+    for daemon in daemons:
+        state = "alive" if daemon["alive"] else "silent"
         lines.append(
-            f"  {timestamp(failure['at'])}  {failure['state']:<8}  {failure['id'] or '-':<32}"
-            f"  {failure['template'] or '-'}  {failure['reason']}"
+            f"  {daemon['owner']:<40}  {state:<6}  last heartbeat"
+            f" {duration(at - daemon['last_heartbeat'])} ago,"
+            f" started {timestamp(daemon['started_at'])}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def tag_table(spool: str, tag: str, counts: dict[str, int], templates: list[str]) -> str:

@@ -260,27 +260,24 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
     with _open_reader(settings) as spool:
         counts, oldest, failures = spool.counts(), spool.oldest_waiting(), spool.recent_failures()
-        relays, problem = spool.relays(), spool.write_problem()
-    age = None if oldest is None else round(time.time() - oldest, 1)
-    refused = overflow.refused_count(settings.client.overflow_dir)
+        relays, problem, daemons = spool.relays(), spool.write_problem(), spool.daemons()
+    at = time.time()
+    lease = settings.spool.lease  # a daemon that beat within it still holds its claims
+    report = {
+        "counts": counts,
+        "oldest_waiting_seconds": None if oldest is None else round(at - oldest, 1),
+        "recent_failures": failures,
+        "relays": relays,
+        "spool": settings.spool.where(),
+        "overflow_refused": overflow.refused_count(settings.client.overflow_dir),
+        "overflow_refused_dir": str(settings.client.overflow_dir / overflow.REFUSED),
+        "write_problem": problem,
+        "daemons": [{**d, "alive": at - d["last_heartbeat"] <= lease} for d in daemons],
+    }
     if args.json:
-        report = {
-            "counts": counts,
-            "oldest_waiting_seconds": age,
-            "recent_failures": failures,
-            "relays": relays,
-            "spool": str(settings.spool.path),
-            "overflow_refused": refused,
-            "write_problem": problem,
-        }
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    print(status_table(str(settings.spool.path), counts, age, failures, relays, problem))
-    if refused:
-        folder = settings.client.overflow_dir / overflow.REFUSED
-        print(
-            f"\n{refused} overflow files refused (not sealed by an allowed key), kept in {folder}"
-        )
+    else:
+        print(status_table(report, at))
     return 0
 
 
@@ -295,7 +292,7 @@ def tag_status(settings: Settings, args: argparse.Namespace) -> int:
         report = {"tag": args.tag, "counts": counts, "templates": templates}
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(tag_table(str(settings.spool.path), args.tag, counts, templates))
+        print(tag_table(settings.spool.where(), args.tag, counts, templates))
     return 0
 
 
@@ -305,7 +302,7 @@ def inspect(settings: Settings, args: argparse.Namespace) -> int:
     with _open_reader(settings) as spool:
         report = spool.inspect(args.id)
     if report is None:
-        raise NotFound(f"no request {args.id!r} in {settings.spool.path}")
+        raise NotFound(f"no request {args.id!r} in {settings.spool.where()}")
     if args.json:
         message = report["message"]
         report["message"] = None if message is None else message.decode("utf-8", "replace")

@@ -88,11 +88,18 @@ class Delivery:
                 await self.idle(closed)
 
     async def recover(self) -> None:
-        """Free what this daemon's earlier life held: first, as nothing may be claimed before;
-        waiting, while the store cannot be written, with intake already serving."""
-        recovered = await self.observer.store.retry("leases", lambda: self.spool.recover(now()))
+        """Free what this daemon's earlier life held and beat its starting heartbeat: first, as
+        nothing may be claimed before; waiting, while the store cannot be written, with intake
+        already serving."""
+        recovered = await self.observer.store.retry("leases", self.start_life)
         if recovered:
             log.warning("%d sends were interrupted by a crash; sending again", recovered)
+
+    def start_life(self) -> int:
+        """Free the earlier life's claims, then say this daemon started (`dispatcher status`)."""
+        recovered = self.spool.recover(now())
+        self.spool.heartbeat(now(), starting=True)
+        return recovered
 
     async def feed_once(self) -> tuple[int, float | None]:
         """Claim, admit, render and hand over one batch; returns how many rows were claimed
@@ -289,12 +296,14 @@ class Delivery:
     # -- claims and shutdown -----------------------------------------------------------
 
     async def keep_claims(self) -> None:
-        """Renew this daemon's leases; free what daemons whose leases lapsed left behind."""
+        """Renew this daemon's leases and beat its heartbeat; free what daemons whose leases
+        lapsed left behind."""
         every = self.settings.spool.lease / 3
         while True:
             await asyncio.sleep(every)
             try:
                 freed = self.spool.renew(now())
+                self.spool.heartbeat(now())  # `dispatcher status` shows this daemon alive
             except StoreUnavailable as exc:  # a lease that lapses meanwhile is taken over by
                 self.observer.store.failed("leases", exc)  # another daemon, as after a crash
                 continue

@@ -80,14 +80,16 @@ class Daemon:
         self.spool.close()
 
     async def prune(self) -> None:
-        """Delete sent requests older than `spool.keep_sent`, a slice at a time."""
+        """Delete sent requests older than `spool.keep_sent`, a slice at a time, once per
+        PRUNE_EVERY across the daemons sharing the spool."""
         keep = self.settings.spool.keep_sent
         while True:
             removed = 0
             with contextlib.suppress(StoreUnavailable):  # its writers tell; pruned next time
-                while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
-                    removed += n
-                    await asyncio.sleep(0)
+                if self.spool.due("prune", PRUNE_EVERY, now()):  # one daemon of those sharing it
+                    while (n := self.spool.purge("sent", keep, now(), limit=PRUNE_SLICE)) > 0:
+                        removed += n
+                        await asyncio.sleep(0)
             if removed:
                 log.info("pruned %d sent requests older than %g s", removed, keep)
             await asyncio.sleep(PRUNE_EVERY)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -24,6 +25,16 @@ ENV_PREFIX = "DISPATCHER_"
 SETTINGS_ENV = "DISPATCHER_SETTINGS"
 PASSWORD_ENV = "DISPATCHER_SMTP_PASSWORD"
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def _read_password(path: Path | None, key: str) -> str | None:
+    """A password file's first line (the trailing newline an editor adds is not part of it)."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(f"{key}: cannot read: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +76,23 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
-    """The SQLite file that is the source of truth for every accepted request."""
+    """The store that is the source of truth for every accepted request: a SQLite file, or a
+    PostgreSQL database shared by several daemons when `url` is set."""
 
     path: Path = Path("var/spool.sqlite3")
+    url: str | None = None  # postgresql://user@host/db; the password never here (see below)
+    password_file: Path | None = None  # the database password, else libpq reads PGPASSWORD
     keep_sent: float = 604800.0  # seconds a sent request stays for inspection (7 days)
     lease: float = 60.0  # seconds a daemon's claim on a request lasts unless it renews it
+
+    def where(self) -> str:
+        """The store as people name it, in reports and errors: the URL (never with a
+        password: `url` holds none) or the file."""
+        return self.url if self.url is not None else str(self.path)
+
+    def password(self) -> str | None:
+        """The database password from `password_file`; None leaves it to libpq (PGPASSWORD)."""
+        return _read_password(self.password_file, "spool.password_file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,15 +148,6 @@ class SmtpSettings(RelaySettings):
     def relays(self) -> tuple[RelaySettings, ...]:
         """This relay, then its fallbacks: the order in which they are used."""
         return (self, *self.fallback)
-
-
-def _read_password(path: Path | None, key: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise SettingsError(f"{key}: cannot read: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +415,21 @@ def _check_content(settings: Settings) -> None:
             raise SettingsError(f"dkim.selector: {dkim.selector!r} is not a DKIM selector")
 
 
+def _check_database_url(url: str) -> None:
+    """A libpq URL without a password: settings files get copied, pasted and committed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise SettingsError(
+            "spool.url: expected a postgresql:// URL such as"
+            f" postgresql://dispatcher@db.internal/dispatcher, got scheme {parts.scheme!r}"
+        )
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise SettingsError(
+            "spool.url: holds a password; put it in spool.password_file or the PGPASSWORD"
+            " environment variable instead"
+        )
+
+
 def _checked(settings: Settings) -> Settings:
     """Rules that span a value's meaning, not just its type."""
     for key, endpoint in [
@@ -421,6 +450,8 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("spool.keep_sent: must be 0 or more seconds")
     if settings.spool.lease < 5:
         raise SettingsError("spool.lease: must be at least 5 seconds")
+    if settings.spool.url is not None:
+        _check_database_url(settings.spool.url)
     for key, curve in [
         ("intake.curve", settings.intake.curve),
         ("client.curve", settings.client.curve),

@@ -22,7 +22,7 @@ import yaml
 from dispatcher import client
 from dispatcher.service import Daemon
 from dispatcher.settings import Settings, load_settings
-from dispatcher.spool.sqlite import SqliteReader
+from dispatcher.spool import open_reader
 
 ROOT = Path(__file__).parents[1]
 START_TIMEOUT = 30.0
@@ -103,7 +103,7 @@ class RunningDaemon:
                 self._changed.wait(left)
 
     def counts(self) -> dict[str, int]:
-        with SqliteReader(self.settings.spool.path) as spool:
+        with open_reader(self.settings.spool) as spool:
             return spool.counts()
 
     def wait_for_counts(self, timeout: float = 20.0, **expected: int) -> dict[str, int]:

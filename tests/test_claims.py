@@ -1,14 +1,15 @@
-"""Claims live in the spool: two daemons on one spool never send a request twice."""
+"""Claims live in the spool: two daemons on one spool, SQLite file or PostgreSQL database,
+never send a request twice."""
 
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 import dispatcher
-from dispatcher.spool.sqlite import SqliteReader
+from dispatcher.settings import SpoolSettings
+from dispatcher.spool import open_reader
 from tests.daemon import InProcessDaemon, write_settings
+from tests.postgres import query, spool_section
 from tests.smtp_server import SmtpServer
 
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
@@ -16,16 +17,18 @@ ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
 
 def test_two_daemons_on_one_spool_send_each_request_once(
     tmp_path: Path,
+    store: SpoolSettings,
     smtp_server: SmtpServer,
     run_daemon: Callable[..., InProcessDaemon],
     fresh_client: None,
 ) -> None:
-    first = write_settings(tmp_path, smtp_server.port, smtp={"connections": 2})
     (tmp_path / "b").mkdir()
-    second = write_settings(tmp_path / "b", smtp_server.port, smtp={"connections": 2})
-    data = yaml.safe_load(second.read_text())
-    data["spool"]["path"] = str(tmp_path / "spool.sqlite3")  # the first daemon's spool
-    second.write_text(yaml.safe_dump(data))
+    first, second = (
+        write_settings(
+            folder, smtp_server.port, smtp={"connections": 2}, spool=spool_section(store)
+        )
+        for folder in (tmp_path, tmp_path / "b")
+    )
     smtp_server.slow_reply(seconds=0.03, times=400)  # the queue stays deep for seconds
     a, b = run_daemon(first), run_daemon(second)
     dispatcher.configure(first)  # everything enters through the first daemon's intake
@@ -39,8 +42,12 @@ def test_two_daemons_on_one_spool_send_each_request_once(
         m.message_id.strip("<>").split("@")[0] for m in smtp_server.messages if m.message_id
     )
     assert set(sent) == set(ids) and max(sent.values()) == 1
-    with SqliteReader(tmp_path / "spool.sqlite3") as spool:
-        owners = spool.db.execute("select count(*) from requests where claimed_by is not null")
-        assert owners.fetchone() == (0,)  # every claim ended with its request
+    with open_reader(store) as spool:
+        # every claim ended with its request
+        assert query(spool, "select count(*) from requests where claimed_by is not null") == [(0,)]
+        assert {d["owner"] for d in spool.daemons()} == {
+            a.daemon.spool.owner,  # type: ignore[union-attr]
+            b.daemon.spool.owner,  # type: ignore[union-attr]
+        }
     shares = [sum(" dispatcher.delivery: sent " in line for line in d.lines) for d in (a, b)]
     assert sum(shares) == 200 and min(shares) > 0, shares  # each daemon did a share

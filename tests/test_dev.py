@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dispatcher.settings import SpoolSettings
 from tests.daemon import ROOT, run_cli, write_settings
+from tests.postgres import spool_section
 from tests.smtp_server import free_port
 from tests.test_cli import assert_one_line_error
 from tests.ui import InProcessDev, UiProcess
@@ -22,9 +24,11 @@ StartUi = Callable[..., UiProcess]
 RunDev = Callable[..., InProcessDev]
 
 
-def dev_settings(folder: Path) -> Path:
+def dev_settings(folder: Path, spool: dict[str, str] | None = None) -> Path:
     """The shipped templates; sockets, spool and the capture port private to the test."""
-    return write_settings(folder, free_port(), templates={"dir": str(ROOT / "templates")})
+    return write_settings(
+        folder, free_port(), templates={"dir": str(ROOT / "templates")}, spool=spool or {}
+    )
 
 
 def wait_for_outbox(ui: InProcessDev, count: int, timeout: float = 20.0) -> list[str]:
@@ -81,9 +85,9 @@ def test_outbox_is_newest_first_and_survives_a_restart(run_dev: RunDev, tmp_path
 
 
 def test_a_request_that_cannot_be_rendered_is_shown_with_its_reason(
-    run_dev: RunDev, tmp_path: Path
+    run_dev: RunDev, tmp_path: Path, store: SpoolSettings
 ) -> None:
-    settings = dev_settings(tmp_path)
+    settings = dev_settings(tmp_path, spool_section(store))
     ui = run_dev(settings)
     empty = tmp_path / "empty.json"
     empty.write_text("{}")

@@ -1,4 +1,5 @@
-"""The Prometheus endpoint of a live daemon, scraped over HTTP as Prometheus would."""
+"""The Prometheus endpoint of a live daemon, scraped over HTTP as Prometheus would (on each
+store for the queue depth it reads from the spool)."""
 
 import socket
 import time
@@ -13,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import dispatcher
 from dispatcher import client
 from dispatcher.errors import SettingsError
-from dispatcher.settings import MetricsSettings
+from dispatcher.settings import MetricsSettings, SpoolSettings
 from tests.daemon import InProcessDaemon, run_cli, write_settings
+from tests.postgres import spool_section
 from tests.smtp_server import SmtpServer, free_port
 
 RunDaemon = Callable[..., InProcessDaemon]
@@ -55,10 +57,15 @@ def depth(state: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def test_the_counters_move_when_mail_is_sent(
-    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+    tmp_path: Path, store: SpoolSettings, smtp_server: SmtpServer, run_daemon: RunDaemon
 ) -> None:
     port = free_port()
-    settings = write_settings(tmp_path, smtp_server.port, metrics={"bind": f"127.0.0.1:{port}"})
+    settings = write_settings(
+        tmp_path,
+        smtp_server.port,
+        metrics={"bind": f"127.0.0.1:{port}"},
+        spool=spool_section(store),
+    )
     daemon = run_daemon(settings)
     before = scrape(port)
     assert all(before[messages(o)] == 0 for o in ("received", "sent", "retry", "dead", "rejected"))

@@ -17,9 +17,10 @@ import pytest
 from dispatcher import cli
 from dispatcher.admin import status_table
 from dispatcher.client import Client
-from dispatcher.settings import load_settings
-from dispatcher.spool.sqlite import SqliteReader
+from dispatcher.settings import SpoolSettings, load_settings
+from dispatcher.spool import open_reader
 from tests.daemon import InProcessDaemon, write_settings
+from tests.postgres import spool_section
 from tests.relay_server import RelayServer, relay_server  # noqa: F401  (fixture)
 from tests.smtp_server import SmtpServer, free_port
 
@@ -27,12 +28,13 @@ CONTEXT = {"name": "Ada", "activate_url": "https://example.com/a"}
 PROBE = [0.2, 0.5]
 
 
-def settings(tmp_path: Path, port: int, **smtp: Any) -> Path:
+def settings(tmp_path: Path, port: int, spool: SpoolSettings | None = None, **smtp: Any) -> Path:
     return write_settings(
         tmp_path,
         port,
         smtp={"connections": 4, "timeout": 2, "probe": PROBE, **smtp},
         retry={"attempts": 3, "backoff": [0.05, 0.3], "max_age": 600},
+        **({} if spool is None else {"spool": spool_section(spool)}),
     )
 
 
@@ -98,7 +100,7 @@ def test_a_relay_greeting_421_holds_the_queue_with_no_attempt_used_then_drains_i
         == sorted({m.message_id or "" for m in relay_server.messages})
         and len(relay_server.messages) == 30
     )  # each once
-    with SqliteReader(daemon.settings.spool.path) as spool:
+    with open_reader(daemon.settings.spool) as spool:
         attempts = {(spool.inspect(i) or {})["attempts"] for i in ids}
     assert attempts == {1}  # only the one that went through: the relay's failures used none
     assert len(relay_lines(daemon, " down: ")) == 1 and len(relay_lines(daemon, "up again")) == 1
@@ -157,22 +159,29 @@ def test_mail_fails_over_to_the_fallback_and_goes_back_to_the_primary(
     relay_server: RelayServer,  # noqa: F811
     smtp_server: SmtpServer,
     run_daemon: Callable[..., InProcessDaemon],
+    capsys: pytest.CaptureFixture[str],
+    store: SpoolSettings,
 ) -> None:
+    """On each store: the relays' states are kept in the spool, for `status`."""
     relay_server.greeting = "421 4.3.2 Service not available"
     fallback = {"host": "127.0.0.1", "port": smtp_server.port, "connections": 2}
-    path = settings(tmp_path, relay_server.port, fallback=[fallback])
+    path = settings(tmp_path, relay_server.port, store, fallback=[fallback])
     daemon = run_daemon(path)
 
     enqueue(path, 20)
     daemon.wait_for_counts(sent=20, dead=0)
     assert len(smtp_server.messages) == 20 and relay_server.messages == []
     daemon.wait_for_log(f"sending through 127.0.0.1:{smtp_server.port}")
+    shown = [(r["relay"], r["state"]) for r in status(path, capsys)["relays"]]
+    primary, second = f"127.0.0.1:{relay_server.port}", f"127.0.0.1:{smtp_server.port}"
+    assert shown == [(primary, "down"), (second, "up")]
 
     relay_server.greeting = None
     daemon.wait_for_log(f"relay 127.0.0.1:{relay_server.port} up again")
     enqueue(path, 10, domain="example.org")
     daemon.wait_for_counts(sent=30, dead=0)
     assert len(relay_server.wait_for(10)) == 10 and len(smtp_server.messages) == 20
+    assert [r["state"] for r in status(path, capsys)["relays"]] == ["up", "up"]
 
 
 def test_a_throttling_relay_is_slowed_and_every_request_is_delivered(
@@ -232,6 +241,17 @@ def test_the_status_table_says_whose_view_of_a_relay_it_is_when_daemons_differ()
         {"daemon": "a", "relay": "r:25", "state": "up", "since": 0.0, "reason": ""},
         {"daemon": "b", "relay": "r:25", "state": "down", "since": 0.0, "reason": "421 bye"},
     ]
-    table = status_table("spool", {}, None, [], relays)
+    report: dict[str, Any] = {
+        "spool": "spool",
+        "counts": {},
+        "oldest_waiting_seconds": None,
+        "recent_failures": [],
+        "relays": relays,
+        "overflow_refused": None,
+        "overflow_refused_dir": "refused",
+        "write_problem": None,
+        "daemons": [],
+    }
+    table = status_table(report, 0.0)
     assert "r:25" in table and "down since" in table and "421 bye  (seen by b)" in table
-    assert "seen by" not in status_table("spool", {}, None, [], relays[:1])
+    assert "seen by" not in status_table({**report, "relays": relays[:1]}, 0.0)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.errors import SpoolError, StartupError
+from dispatcher.spool.records import RelayState
 from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
 from dispatcher.spool.sqlite_schema import VERSION
 from tests.daemon import DaemonProcess, write_settings
@@ -30,6 +31,17 @@ def user_version(path: Path) -> int:
     return int(version)
 
 
+def columns(path: Path) -> dict[str, set[str]]:
+    """Each table's columns: what a migrated spool must share with a new one."""
+    with sqlite3.connect(path) as db:
+        tables = [
+            name for (name,) in db.execute("select name from sqlite_master where type = 'table'")
+        ]
+        found = {t: {c[1] for c in db.execute(f"pragma table_info({t})")} for t in tables}
+    db.close()
+    return found
+
+
 def test_a_spool_of_release_0_1_0_is_migrated_in_place(tmp_path: Path) -> None:
     path = spool_of_release_0_1_0(tmp_path / "spool.sqlite3")
     with SqliteReader(path) as reader:  # reports work before the daemon upgrades it
@@ -40,7 +52,15 @@ def test_a_spool_of_release_0_1_0_is_migrated_in_place(tmp_path: Path) -> None:
         assert spool.recover(2_000_000.0) == 1  # the send cut short by the old daemon
         assert {row.id for row in spool.claim(2_000_000.0, 100)} == WAITING
         assert spool.inspect("sending-1")["maybe_duplicate"] is True  # type: ignore[index]
+        spool.heartbeat(2_000_000.0, starting=True)  # every step's tables are there
+        spool.set_relays([RelayState("relay:25", True, 2_000_000.0, "")], 2_000_000.0)
+        assert spool.due("prune", 600.0, 2_000_000.0)
+    with SqliteReader(path) as reader:
+        assert [d["owner"] for d in reader.daemons()] == ["upgraded"]
+        assert [r["relay"] for r in reader.relays()] == ["relay:25"]
     assert user_version(path) == VERSION
+    SqliteSpool(tmp_path / "new.sqlite3", "new").close()
+    assert columns(path) == columns(tmp_path / "new.sqlite3")
     SqliteSpool(path, "again").close()  # a migrated spool opens as it is
     assert user_version(path) == VERSION
 

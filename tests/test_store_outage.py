@@ -1,10 +1,11 @@
-"""A store that cannot be written (a full disk, a lock held too long) never stops the daemon:
-intake stops acknowledging, every write is tried again, and once the store is back everything
-is delivered, once."""
+"""A store that cannot be written (a full disk, a lock held too long, a database turned
+read-only) never stops the daemon: intake stops acknowledging, every write is tried again, and
+once the store is back everything is delivered, once."""
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -15,9 +16,12 @@ import zmq
 import dispatcher
 from dispatcher import overflow
 from dispatcher.service import Daemon
-from dispatcher.spool.sqlite import SqliteReader, SqliteSpool
+from dispatcher.settings import SpoolSettings
+from dispatcher.spool import open_reader
+from dispatcher.spool.sqlite import SqliteSpool
 from tests.daemon import InProcessDaemon, run_cli, write_settings
 from tests.disks import SmallDisk, fill
+from tests.postgres import PostgresServer, spool_section
 from tests.smtp_server import SmtpServer, free_port
 from tests.test_metrics import scrape_until
 
@@ -112,31 +116,53 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def writes_refused(store: SpoolSettings, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every write to the store fails until the block ends: on SQLite another process holds
+    the write lock past the busy timeout; on PostgreSQL the database turns read-only and its
+    sessions are cut, as when the address still leads to the old primary after a failover."""
+    if store.url is None:
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("begin immediate")
+        try:
+            yield
+        finally:
+            blocker.execute("rollback")
+            blocker.close()
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = store.url.split("/")[3].split("?")[0]
+    server.admin(f'alter database "{name}" set default_transaction_read_only = on')
+    server.admin(f"select pg_terminate_backend(pid) from pg_stat_activity where datname = '{name}'")
+    try:
+        yield
+    finally:
+        server.admin(f'alter database "{name}" reset default_transaction_read_only')
+
+
 def test_an_outcome_the_store_cannot_take_waits_and_is_recorded_once(
-    tmp_path: Path, smtp_server: SmtpServer, run_daemon: RunDaemon
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    run_daemon: RunDaemon,
+    store: SpoolSettings,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """Another process holds the spool's write lock past the busy timeout while a message is
-    being sent: its outcome waits in memory, the request is never claimed again, and the
-    outcome is recorded once the lock is gone."""
-    settings = write_settings(tmp_path, smtp_server.port)
+    """The store refuses writes while a message is being sent: its outcome waits in memory,
+    the request is never claimed again, and the outcome is recorded once the store is back."""
+    settings = write_settings(tmp_path, smtp_server.port, spool=spool_section(store))
     daemon = run_daemon(settings)
-    smtp_server.slow_reply(3.0)  # time to take the lock while the message is on its way
+    smtp_server.slow_reply(3.0)  # time to refuse writes while the message is on its way
     dispatcher.configure(settings)
     [request_id] = enqueue(1)
     daemon.wait_for_counts(sending=1)
-    blocker = sqlite3.connect(daemon.settings.spool.path, isolation_level=None)
-    blocker.execute("begin immediate")
-    try:
+    with writes_refused(store, request):
         daemon.wait_for_log(f"sent {request_id}", timeout=60)
-        daemon.wait_for_log("store unavailable: spool ", timeout=60)
+        daemon.wait_for_log("store unavailable: spool", timeout=60)
         waiting = daemon.call(lambda d: [f.request_id for f in d.delivery.journal.finishes])
         assert waiting == [request_id]
-    finally:
-        blocker.execute("rollback")
-        blocker.close()
     daemon.wait_for_counts(sent=1, sending=0)
     daemon.wait_for_log("store available again after", timeout=30)
-    with SqliteReader(daemon.settings.spool.path) as spool:
+    with open_reader(store) as spool:
         report = spool.inspect(request_id)
     assert report is not None
     assert [a["outcome"] for a in report["attempt_log"]] == ["sent"]

@@ -11,10 +11,11 @@ import pytest
 from dispatcher import wire
 from dispatcher.cli import main
 from dispatcher.errors import InvalidRequest, RequestTooLarge
-from dispatcher.spool import Finish, Incoming
-from dispatcher.spool.sqlite import SqliteSpool
+from dispatcher.settings import SpoolSettings
+from dispatcher.spool import Finish, Incoming, Spool, open_spool
 from tests.content_templates import write_order_templates
 from tests.daemon import write_settings
+from tests.postgres import spool_section
 
 BASE = {"v": 1, "template": "order", "to": "ada@example.com"}
 
@@ -65,20 +66,22 @@ def test_the_fields_survive_the_round_trip_through_the_spool_form() -> None:
     assert wire.validate(wire.to_fields(request)) == request
 
 
-def stored(spool: SqliteSpool, request_id: str, tags: list[str], template: str = "order") -> None:
+def stored(spool: Spool, request_id: str, tags: list[str], template: str = "order") -> None:
     fields = {**BASE, "id": request_id, "template": template, "tags": tags}
     spool.add([Incoming.of(wire.validate(fields))], [], time.time())
 
 
 def test_status_tag_counts_by_state_and_inspect_shows_tags(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], store: SpoolSettings
 ) -> None:
     templates = write_order_templates(tmp_path)  # template.yaml tags the order template "orders"
     (templates / "other").mkdir()
     (templates / "other" / "subject.txt").write_text("Hi")
     (templates / "other" / "body.txt").write_text("Hi")
-    settings = write_settings(tmp_path, 1025, templates={"dir": str(templates)})
-    with SqliteSpool(tmp_path / "spool.sqlite3", "test") as spool:
+    settings = write_settings(
+        tmp_path, 1025, templates={"dir": str(templates)}, spool=spool_section(store)
+    )
+    with open_spool(store, "test") as spool:
         stored(spool, "a", ["spring"], "other")
         stored(spool, "b", ["spring", "vip"], "other")
         stored(spool, "c", ["springtime"], "other")  # a tag that merely starts the same

@@ -1,7 +1,8 @@
 """The spool: the source of truth for every request a daemon has accepted.
 
 `open_spool` gives the daemon its read-write `Spool`, `open_reader` gives reports a `Reader`
-that never takes the write lock; both choose the store from the settings (SQLite, a file).
+that never takes the write lock; both choose the store from the settings: a SQLite file
+(`spool.path`), or a PostgreSQL database shared by several daemons (`spool.url`).
 """
 
 import time
@@ -27,6 +28,10 @@ __all__ = [
 
 def open_spool(settings: SpoolSettings, owner: str) -> Spool:
     """The daemon's spool, created or migrated to the current schema; claims made as `owner`."""
+    if settings.url is not None:
+        from dispatcher.spool.postgres import PostgresSpool  # psycopg only when asked for
+
+        return PostgresSpool(settings, owner)
     from dispatcher.spool.sqlite import SqliteSpool
 
     return SqliteSpool(settings.path, owner, lease=settings.lease)
@@ -34,6 +39,10 @@ def open_spool(settings: SpoolSettings, owner: str) -> Spool:
 
 def open_reader(settings: SpoolSettings) -> Reader:
     """A read-only view for status, inspect, metrics and the preview; `SpoolError` if absent."""
+    if settings.url is not None:
+        from dispatcher.spool.postgres import PostgresReader
+
+        return PostgresReader(settings)
     from dispatcher.spool.sqlite import SqliteReader
 
     return SqliteReader(settings.path)

@@ -58,6 +58,11 @@ class Reader(Protocol):
         tell; None when it sees nothing wrong."""
         ...
 
+    def daemons(self) -> list[dict[str, Any]]:
+        """Every daemon that beat on this store: `owner`, `started_at`, `last_heartbeat`,
+        the most recently seen first."""
+        ...
+
     def close(self) -> None: ...
 
     def __enter__(self) -> "Reader": ...
@@ -98,6 +103,16 @@ class Spool(Reader, Protocol):
         """Extend this owner's leases, and free what owners whose leases lapsed left behind
         (a send they began goes again, flagged as a possible duplicate); returns how many were
         freed."""
+        ...
+
+    def heartbeat(self, now: float, *, starting: bool = False) -> None:
+        """Record that `owner` is alive at `now` (`starting`: and that its life began then),
+        for `Reader.daemons`; the daemon beats as often as it renews its leases."""
+        ...
+
+    def due(self, chore: str, every: float, now: float) -> bool:
+        """Whether this daemon should do `chore` (a retention pass) now: true for one daemon,
+        then for none until `every` seconds later, however many daemons share the store."""
         ...
 
     def recover(self, now: float) -> int:

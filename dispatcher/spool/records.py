@@ -1,16 +1,22 @@
 """What goes into the spool and comes out of it, whatever store holds it."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
 
+from dispatcher.errors import UsageError
+from dispatcher.spool.sql import ATTEMPT_COLUMNS
 from dispatcher.wire import PRIORITIES, Request, label, to_fields
 
 STATES = ("queued", "retry", "sending", "sent", "dead")
 EXCERPT_BYTES = 200  # of a rejected frame, kept for the operator
+FAILURE_KEYS = ("at", "state", "id", "template", "reason")
+PURGE_BATCH = 5000  # requests deleted per transaction
+DAEMON_KEYS = ("owner", "started_at", "last_heartbeat")
+RELAY_KEYS = ("daemon", "relay", "state", "since", "reason", "updated_at")
 
 
 class Incoming(NamedTuple):
@@ -109,3 +115,75 @@ class RelayState:
     up: bool
     since: float  # when it went down or came up
     reason: str  # why it is down; empty while up
+
+
+def relay_states(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """`Reader.relays` from rows of RELAY_COLUMNS, whatever store they came from."""
+    return [
+        dict(zip(RELAY_KEYS, (owner, relay, "up" if up else "down", *rest), strict=True))
+        for owner, relay, up, *rest in rows
+    ]
+
+
+def row_of(r: Sequence[Any]) -> Row:
+    """A `Row` from the columns of ROW_COLUMNS: JSON lists and maps are stored as text."""
+    return Row(
+        id=r[0],
+        template=r[1],
+        request=bytes(r[2]),
+        created_at=r[3],
+        attempts=r[4],
+        envelope_from=r[5],
+        recipients=None if r[6] is None else orjson.loads(r[6]),
+        delivered=orjson.loads(r[7]),
+        refused=orjson.loads(r[8]),
+        message=None if r[9] is None else bytes(r[9]),
+        message_id=r[10],
+        priority=r[11],
+        due=r[12],
+        send_at=r[13],
+    )
+
+
+def inspected(found: dict[str, Any], attempts: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """`Reader.inspect`'s answer from the INSPECTED_COLUMNS of a request and its attempts'
+    ATTEMPT_COLUMNS, whatever store they came from."""
+    report = dict(found)
+    for key in ("recipients", "delivered", "refused", "request"):
+        if report[key] is not None:
+            report[key] = orjson.loads(report[key])
+    if report["message"] is not None:
+        report["message"] = bytes(report["message"])
+    report["maybe_duplicate"] = bool(report["maybe_duplicate"])
+    report["attempt_log"] = [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in attempts]
+    return report
+
+
+def newest_failures(
+    dead: Sequence[Sequence[Any]], rejected: Sequence[Sequence[Any]], limit: int
+) -> list[dict[str, Any]]:
+    """`Reader.recent_failures` from the newest dead and rejected rows (FAILURE_KEYS each)."""
+    newest = sorted([*map(tuple, dead), *map(tuple, rejected)], reverse=True)[:limit]
+    return [dict(zip(FAILURE_KEYS, row, strict=True)) for row in newest]
+
+
+def purge_in_batches(
+    state: str,
+    older_than: float | None,
+    now: float,
+    limit: int | None,
+    delete: Callable[[str, float, int], int],
+) -> int:
+    """`Spool.purge` for any store: `delete(state, cutoff, n)` deletes, in one transaction, up
+    to n requests in `state` last updated at `cutoff` or before and says how many; it is
+    called until fewer are left or `limit` are gone."""
+    if state not in ("sent", "dead"):
+        raise UsageError(f"only sent or dead requests can be purged, not {state!r}")
+    cutoff = float("inf") if older_than is None else now - older_than
+    purged = 0
+    while True:
+        batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
+        deleted = delete(state, cutoff, batch)
+        purged += deleted
+        if deleted < batch or purged == limit:
+            return purged

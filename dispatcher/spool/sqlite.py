@@ -14,10 +14,11 @@ from typing import Any, Self
 
 import orjson
 
-from dispatcher.errors import SpoolError, StartupError, StoreUnavailable, UsageError
+from dispatcher.errors import SpoolError, StartupError, StoreUnavailable
 from dispatcher.permissions import private_dir, private_file
 from dispatcher.spool import sqlite_schema
 from dispatcher.spool.records import (
+    DAEMON_KEYS,
     EXCERPT_BYTES,
     STATES,
     Finish,
@@ -25,20 +26,29 @@ from dispatcher.spool.records import (
     RelayState,
     Row,
     Start,
+    inspected,
+    newest_failures,
+    purge_in_batches,
+    relay_states,
+    row_of,
+)
+from dispatcher.spool.sql import (
+    ATTEMPT_COLUMNS,
+    CHORE,
+    HEARTBEAT,
+    INSPECTED_COLUMNS,
+    RELAY_COLUMNS,
+    ROW_COLUMNS,
+    UNCLAIM_WAITING,
 )
 from dispatcher.wire import PRIORITIES
 
 WAITING = "state in ('queued', 'retry', 'sending')"  # not yet sent or dead
-PURGE_BATCH = 5000  # requests deleted per transaction
 PARAMETERS = 500  # ids bound per statement, under SQLite's limit
 # Primary result codes of a write that may succeed later: BUSY, LOCKED (past the busy timeout),
 # NOMEM, READONLY (a file system remounted read-only), IOERR, FULL, CANTOPEN, PROTOCOL.
 PASSING = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
 LOW_SPACE = 1024 * 1024  # free bytes under which `status` warns that the spool's disk is full
-ROW_COLUMNS = (
-    "id, template, request, created_at, attempts, envelope_from, recipients, delivered,"
-    " refused, data, message_id, priority, next_attempt_at, send_at"
-)
 
 
 class SqliteReader:
@@ -63,6 +73,7 @@ class SqliteReader:
         except sqlite3.Error as exc:  # a reader creates the -shm file when no daemon has it
             why = "; ".join(filter(None, [str(exc), self.write_problem()]))
             raise SpoolError(f"spool.path: cannot read {path}: {why}") from None
+        self.version = int(version)
         if version > sqlite_schema.VERSION:
             raise SpoolError(f"spool.path: {path} was written by a newer dispatcher")
 
@@ -119,9 +130,7 @@ class SqliteReader:
             " order by id desc limit ?",
             (limit,),
         ).fetchall()
-        newest = sorted(dead + rejected, reverse=True)[:limit]
-        keys = ("at", "state", "id", "template", "reason")
-        return [dict(zip(keys, row, strict=True)) for row in newest]
+        return newest_failures(dead, rejected, limit)
 
     def tag_counts(self, tag: str, templates: Sequence[str] = ()) -> dict[str, int]:
         # A scan, as befits an operator's command: tags live in the stored request only, so
@@ -149,42 +158,34 @@ class SqliteReader:
         cursor = self.db.cursor()
         cursor.row_factory = sqlite3.Row  # this cursor only: columns by name
         found = cursor.execute(
-            "select id, state, template, priority, created_at, updated_at, next_attempt_at,"
-            " attempts, recipients, delivered, refused, last_reply, maybe_duplicate, request,"
-            " message_id, envelope_from, data as message from requests"
+            f"select {INSPECTED_COLUMNS} from requests"
             " left join messages on messages.request_id = requests.id where id = ?",
             (request_id,),
         ).fetchone()
         if found is None:
             return None
-        report = dict(found)
-        for key in ("recipients", "delivered", "refused", "request"):
-            if report[key] is not None:
-                report[key] = orjson.loads(report[key])
-        report["maybe_duplicate"] = bool(report["maybe_duplicate"])
-        report["attempt_log"] = [
-            dict(attempt)
-            for attempt in cursor.execute(
-                "select number, started_at, finished_at, outcome, code, reply from attempts"
-                " where request_id = ? order by number",
-                (request_id,),
-            )
-        ]
-        return report
+        attempts = self.db.execute(
+            f"select {', '.join(ATTEMPT_COLUMNS)} from attempts"
+            " where request_id = ? order by number",
+            (request_id,),
+        ).fetchall()
+        return inspected(dict(found), attempts)
+
+    def daemons(self) -> list[dict[str, Any]]:
+        if self.version < 3:  # a spool no daemon of this release has opened yet
+            return []
+        rows = self.db.execute(
+            "select owner, started_at, last_heartbeat from daemons order by last_heartbeat desc"
+        ).fetchall()
+        return [dict(zip(DAEMON_KEYS, row, strict=True)) for row in rows]
 
     def relays(self) -> list[dict[str, Any]]:
-        try:
-            found = self.db.execute(
-                "select owner, relay, up, since, reason, updated_at from relays"
-                " order by owner, rowid"
-            ).fetchall()
-        except sqlite3.OperationalError:  # a spool no daemon of this release has opened yet
+        if self.version < 2:  # a spool no daemon of this release has opened yet
             return []
-        keys = ("daemon", "relay", "state", "since", "reason", "updated_at")
-        return [
-            dict(zip(keys, (owner, relay, "up" if up else "down", *rest), strict=True))
-            for owner, relay, up, *rest in found
-        ]
+        found = self.db.execute(
+            f"select {RELAY_COLUMNS} from relays order by owner, rowid"  # as configured
+        ).fetchall()
+        return relay_states(found)
 
 
 class SqliteSpool(SqliteReader):
@@ -207,6 +208,7 @@ class SqliteSpool(SqliteReader):
             self.db.execute("pragma foreign_keys=on")
             with self.transaction() as db:
                 sqlite_schema.migrate(db)
+            self.version = sqlite_schema.VERSION
         except (OSError, sqlite3.Error, ValueError, StoreUnavailable) as exc:
             raise StartupError(f"spool.path: cannot open {path}: {exc}") from None
 
@@ -324,7 +326,7 @@ class SqliteSpool(SqliteReader):
                 )
             ]
             found.sort(key=lambda r: (r[11], r[12]))
-            rows = [_row(r) for r in found[:limit]]
+            rows = [row_of(r) for r in found[:limit]]
             db.executemany(
                 "update requests set claimed_by = ?, lease_until = ? where id = ?",
                 [(self.owner, now + self.lease, row.id) for row in rows],
@@ -350,6 +352,14 @@ class SqliteSpool(SqliteReader):
             )
             return self._free(db, now, "claimed_by != ? and lease_until < ?", (self.owner, now))
 
+    def heartbeat(self, now: float, *, starting: bool = False) -> None:
+        with self.transaction(durable=False) as db:
+            db.execute(HEARTBEAT, (self.owner, now, now, starting))
+
+    def due(self, chore: str, every: float, now: float) -> bool:
+        with self.transaction(durable=False) as db:
+            return db.execute(CHORE, (chore, now, self.owner, every)).fetchone() is not None
+
     def recover(self, now: float) -> int:
         with self.transaction() as db:
             return self._free(
@@ -371,11 +381,7 @@ class SqliteSpool(SqliteReader):
             f" where state = 'sending' and {which}",
             (now, now, *args),
         ).rowcount
-        db.execute(
-            "update requests set claimed_by = null, lease_until = null"
-            f" where claimed_by is not null and state in ('queued', 'retry') and {which}",
-            args,
-        )
+        db.execute(UNCLAIM_WAITING + which, args)
         return int(interrupted)
 
     def release(self, request_ids: Sequence[str], not_before: float | None = None) -> None:
@@ -494,39 +500,15 @@ class SqliteSpool(SqliteReader):
         """Deletes in transactions of at most PURGE_BATCH requests, so the daemon writing to
         the same spool never waits long for the lock; `limit` bounds one call, so the daemon
         can prune a backlog in slices between its other work."""
-        if state not in ("sent", "dead"):
-            raise UsageError(f"only sent or dead requests can be purged, not {state!r}")
-        cutoff = float("inf") if older_than is None else now - older_than
-        purged = 0
-        while True:
-            batch = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - purged)
-            with self.transaction(durable=False) as db:
-                ids = db.execute(
-                    "select id from requests where state = ? and updated_at <= ? limit ?",
-                    (state, cutoff, batch),
-                ).fetchall()
-                db.executemany("delete from attempts where request_id = ?", ids)
-                db.executemany("delete from messages where request_id = ?", ids)
-                db.executemany("delete from requests where id = ?", ids)
-            purged += len(ids)
-            if len(ids) < batch or purged == limit:
-                return purged
+        return purge_in_batches(state, older_than, now, limit, self._delete)
 
-
-def _row(r: tuple[Any, ...]) -> Row:
-    return Row(
-        id=r[0],
-        template=r[1],
-        request=r[2],
-        created_at=r[3],
-        attempts=r[4],
-        envelope_from=r[5],
-        recipients=None if r[6] is None else orjson.loads(r[6]),
-        delivered=orjson.loads(r[7]),
-        refused=orjson.loads(r[8]),
-        message=r[9],
-        message_id=r[10],
-        priority=r[11],
-        due=r[12],
-        send_at=r[13],
-    )
+    def _delete(self, state: str, cutoff: float, batch: int) -> int:
+        with self.transaction(durable=False) as db:
+            ids = db.execute(
+                "select id from requests where state = ? and updated_at <= ? limit ?",
+                (state, cutoff, batch),
+            ).fetchall()
+            db.executemany("delete from attempts where request_id = ?", ids)
+            db.executemany("delete from messages where request_id = ?", ids)
+            db.executemany("delete from requests where id = ?", ids)
+        return len(ids)

@@ -24,6 +24,21 @@ create table relays (
 )
 """
 
+# The daemons' heartbeats, and when a chore shared by the daemons (retention) last ran, so
+# that one daemon runs it.
+DAEMONS_AND_CHORES = """
+create table daemons (
+    owner text primary key,
+    started_at real not null,
+    last_heartbeat real not null
+);
+create table chores (
+    name text primary key,
+    last_run real not null,
+    run_by text not null
+);
+"""
+
 SCHEMA = (
     RELAYS
     + """;
@@ -74,6 +89,7 @@ create table rejected (
     excerpt blob not null               -- the first bytes of the frame, for the operator
 );
 """
+    + DAEMONS_AND_CHORES
 )
 
 
@@ -100,8 +116,17 @@ def _relays(db: sqlite3.Connection) -> None:
     db.execute(RELAYS)
 
 
+def _daemons_and_chores(db: sqlite3.Connection) -> None:
+    """Version 3: the daemons' heartbeats, and the chores one daemon does for all."""
+    _execute_all(db, DAEMONS_AND_CHORES)
+
+
 # Step n takes a spool from version n - 1 to n. Append; never edit a step that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_claims_and_send_at, _relays]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _claims_and_send_at,
+    _relays,
+    _daemons_and_chores,
+]
 VERSION = len(MIGRATIONS)
 
 
@@ -126,8 +151,12 @@ def migrate(db: sqlite3.Connection) -> int:
 
 
 def _create(db: sqlite3.Connection) -> None:
-    # executescript would commit the caller's transaction first: run the statements one by one
-    # (no comment in SCHEMA holds a semicolon).
-    for statement in SCHEMA.split(";"):
+    _execute_all(db, SCHEMA)
+
+
+def _execute_all(db: sqlite3.Connection, script: str) -> None:
+    """Run each statement of `script`: executescript would commit the caller's transaction
+    first (no comment in a script here holds a semicolon)."""
+    for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
