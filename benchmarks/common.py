@@ -4,6 +4,7 @@ stores they compare (a SQLite file; scratch databases on a PostgreSQL server).""
 import contextlib
 import itertools
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,19 @@ from dispatcher.settings import SpoolSettings
 from dispatcher.spool import open_reader
 from dispatcher.spool.sqlite import SqliteReader
 from tests.postgres import PostgresServer, query
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Bounded poll until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
 
 # The welcome template's context, with characters that need escaping and encoding.
 CONTEXT = {"name": "Zoë <O'Brien> & Co", "activate_url": "https://example.com/activate/42"}

@@ -30,7 +30,6 @@ import asyncio
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
-from benchmarks.common import CONTEXT, ask, postgres_databases, spool_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CONTEXT,
+    ask,
+    postgres_databases,
+    spool_section,
+    wait_for_port,
+)
 from dispatcher import client  # noqa: E402
 from dispatcher.render import Renderer  # noqa: E402
 from dispatcher.settings import SpoolSettings  # noqa: E402
@@ -62,18 +67,6 @@ WAIT_LIMIT = 900.0  # seconds any one run may take before the benchmark gives up
 class Figures:
     rate: float  # mails per second
     cpu_per_1000: float  # CPU seconds per 1,000 mails
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    """Bounded poll until something accepts TCP connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"no SMTP server came up on port {port} within {timeout} s")
 
 
 @contextmanager

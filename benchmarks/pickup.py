@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dispatcher  # noqa: E402
-from benchmarks.common import CONTEXT  # noqa: E402
-from benchmarks.delivery import prebuilt_message, wait_for_port  # noqa: E402
+from benchmarks.common import CONTEXT, wait_for_port  # noqa: E402
+from benchmarks.delivery import prebuilt_message  # noqa: E402
 from dispatcher import client  # noqa: E402
 from tests.daemon import DaemonProcess, write_settings  # noqa: E402
 from tests.smtp_server import free_port  # noqa: E402

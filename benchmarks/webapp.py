@@ -102,17 +102,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
 @contextmanager
 def process(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
     """A child process logging to `log` (a pipe nobody reads would block it), ended with
@@ -297,8 +286,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode, in turn")
     args = parser.parse_args()
 
+    global wait_for_port  # the driver's only: gunicorn's workers import none of this
     sys.path.append(str(HERE.parent))  # after PYTHONPATH: a base checkout's package wins
     import dispatcher
+    from benchmarks.common import wait_for_port
     from tests.daemon import write_settings
 
     relay_port = free_port()
