@@ -74,16 +74,21 @@ class Observer:
         """One line for `systemctl status`: what waits, and what happened since start."""
         done = ", ".join(f"{self.counts[o]} {o}" for o in ("received", "sent", "retry", "dead"))
         rejected = self.counts["rejected"]
-        try:
-            waiting = str(self.spool.waiting())
-        except StoreUnavailable:  # a store that is down cannot say; the line below says why
-            waiting = "?"
+        waiting = self.waiting()
         down = "".join(f"; relay {name} down" for name in sorted(self.relays_down))
         status = f"{waiting} waiting; since start {done}, {rejected} rejected{down}"
         if self.store.available:
             return status
         outage = f"store unavailable for {self.store.unavailable_for():.0f} s: {self.store.reason}"
         return f"{outage}; {status}"
+
+    def waiting(self) -> str:
+        """How many requests wait, for a log or status line; "?" while the store cannot say
+        (a store that is down: the line that reports the outage says why)."""
+        try:
+            return str(self.spool.waiting())
+        except StoreUnavailable:
+            return "?"
 
     # -- events ------------------------------------------------------------------------
 

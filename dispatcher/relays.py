@@ -109,7 +109,7 @@ class Relays:
             else f"next probe in {relay.probe_at - relay.since:.1f} s"
         )
         log.warning(
-            "relay %s down: %s; %d waiting; %s", relay.name, reason, self.spool.waiting(), then
+            "relay %s down: %s; %s waiting; %s", relay.name, reason, self.observer.waiting(), then
         )
         self.publish(relay)
         self.changed.set()
@@ -119,10 +119,10 @@ class Relays:
         relay.up, relay.since, relay.reason = True, now(), ""
         returns = " (new mail goes through it again)" if self.active() is relay else ""
         log.info(
-            "relay %s up again after %s down; %d waiting%s",
+            "relay %s up again after %s down; %s waiting%s",
             relay.name,
             duration(down_for),
-            self.spool.waiting(),
+            self.observer.waiting(),
             returns,
         )
         self.publish(relay)
