@@ -39,6 +39,9 @@ HANDSHAKE_GRACE = 1.0  # seconds to wait for the other daemons' receipts after t
 # 100k burst). With no receipt for `ack_timeout`, the plain timeout applies.
 PATIENCE = 5
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
+# A spill file handed over without a receipt waits twice as long each time, up to this many
+# seconds (a daemon that cannot store, for one): re-sending it every lease cost CPU and memory.
+HAND_OVER_LONGEST = 300.0
 
 
 # A request handed over (or not) and not yet acknowledged: its frame, time.monotonic() of its
@@ -88,6 +91,8 @@ class Handoff:
         self.receipt_at = float("-inf")  # time.monotonic() of the last receipt
         self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
         self.not_mine: set[str] = set()  # spill files sealed by another key: theirs to send
+        # Spill files handed over in vain: their name -> (how often, when to try again).
+        self.unanswered: dict[str, tuple[int, float]] = {}
         self.spill_error = ""  # why the last spill failed; "" once one succeeds
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._keep, name="dispatcher-handoff", daemon=True)
@@ -245,6 +250,7 @@ class Handoff:
                 break
         if done:
             self.receipt_at = time.monotonic()
+            self.unanswered.clear()  # a daemon acknowledges again: hand spill files over now
         with self.lock:
             for request_id in done:
                 _, _, _, source = self.pending.pop(request_id, NOT_PENDING)
@@ -273,8 +279,9 @@ class Handoff:
                 expired.append((request_id, entry))
             for request_id, (frame, _, sends, source) in expired:
                 del self.pending[request_id]
-                if source is not None:  # durable already: its file will be retried
-                    self.sources.pop(source, None)
+                if source is not None:  # durable already: its file will be retried, later
+                    if self.sources.pop(source, None) is not None:
+                        self._back_off(source.name, now)
                 elif sends < 2 and self._send(frame):
                     self.resent += 1
                     self.pending[request_id] = (frame, now, sends + 1, None)
@@ -310,9 +317,11 @@ class Handoff:
             if self.sources or not self.push.poll(0, zmq.POLLOUT):
                 return
         files = overflow.waiting(self.settings.overflow_dir)
-        self.not_mine.intersection_update(path.name for path in files)
+        names = {path.name for path in files}
+        self.not_mine.intersection_update(names)
+        self.unanswered = {n: due for n, due in self.unanswered.items() if n in names}
         for path in files:
-            if path.name in self.not_mine:
+            if path.name in self.not_mine or self._backing_off(path.name):
                 continue
             try:
                 if path.stat().st_mtime > time.time() - OVERFLOW_LEASE:
@@ -327,6 +336,15 @@ class Handoff:
             if spilled is not None and spilled.frames:
                 self._resend_file(path, spilled.frames)
             return
+
+    def _back_off(self, name: str, now: float) -> None:
+        """A handed-over spill file got no receipt in time: wait twice as long as the last
+        time before the next try (caller holds the lock)."""
+        tries = self.unanswered.get(name, (0, 0.0))[0] + 1
+        self.unanswered[name] = (tries, now + min(OVERFLOW_LEASE * 2**tries, HAND_OVER_LONGEST))
+
+    def _backing_off(self, name: str) -> bool:
+        return self.unanswered.get(name, (0, 0.0))[1] > time.monotonic()
 
     def _mine(self, spilled: overflow.Spilled) -> bool:
         """Whether this client may hand a spill file over: any without CURVE; under CURVE only

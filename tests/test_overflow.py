@@ -11,10 +11,11 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
+import zmq
 import zmq.auth
 
 import dispatcher
-from dispatcher import Client, client, overflow, wire
+from dispatcher import Client, client, handoff, overflow, wire
 from dispatcher.curve import keygen, spill_seal
 from dispatcher.errors import SettingsError
 from dispatcher.settings import Settings, load_settings
@@ -268,3 +269,35 @@ def test_send_exits_1_when_the_request_can_be_kept_nowhere(
     assert "No space left on device" in result.stderr
     assert f"could not be kept in {folder}" in result.stderr
     assert "1 requests lost at exit" in result.stderr
+
+
+# -- a daemon that takes frames and never acknowledges them ------------------------------------
+
+
+def test_a_spill_file_handed_over_in_vain_waits_longer_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that cannot store (its disk full, its database down) reads frames and sends no
+    receipt. The client must not hand it the same spill file every lease, forever: each try
+    waits twice as long as the one before (here 1 s, 2 s, 4 s: at most 4 tries in 6.5 s,
+    where a try every lease made 7), and the file stays until a receipt comes."""
+    monkeypatch.setattr(handoff, "OVERFLOW_LEASE", 0.5)
+    settings = client_settings(write_settings(tmp_path, 1025), ack_timeout=0.2)
+    context = zmq.Context.instance()
+    mute = context.socket(zmq.PULL)  # the daemon's intake, which never acknowledges
+    mute.bind(settings.client.connect[0])
+    receipts = context.socket(zmq.PUB)
+    receipts.bind(settings.client.acks[0])
+    path = spill_one(settings, "vain")
+    tries = []
+    with Client(settings) as waiting_client:
+        waiting_client._start()
+        deadline = time.monotonic() + 6.5
+        while (left := deadline - time.monotonic()) > 0:
+            if mute.poll(int(left * 1000)):
+                assert orjson.loads(mute.recv())["id"] == "vain"
+                tries.append(time.monotonic())
+    mute.close(linger=0)
+    receipts.close(linger=0)
+    assert 2 <= len(tries) <= 4, f"tries at {[round(t - tries[0], 1) for t in tries]}"
+    assert path.exists()  # durable until a daemon acknowledges it
