@@ -92,8 +92,8 @@ def template_environment(
     """The Jinja environment templates render in.
 
     Sandboxed: context is untrusted data, and `{{ x.__class__.__mro__ }}` style lookups on it
-    must not reach Python internals. Measured cost ~10 us per message, 0.2% of a render with
-    its MIME build (`benchmarks/sandbox.py` compares it with `kind=jinja2.Environment`).
+    must not reach Python internals. `benchmarks/sandbox.py` measures what that costs against
+    `kind=jinja2.Environment`.
     The i18n extension serves teams with gettext catalogs; its callables come per render.
     """
     env = kind(
