@@ -162,7 +162,9 @@ class DomainLimit:
 class LimitsSettings:
     """Limits per recipient domain (`limits.domains`), across all connections and relays."""
 
-    domains: dict[str, DomainLimit] = field(default_factory=dict)
+    # Out of the hash (equality still compares it): every other section is hashable, and so
+    # Settings stays a usable key (`dispatcher.testing` caches a renderer per Settings).
+    domains: dict[str, DomainLimit] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

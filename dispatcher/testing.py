@@ -104,7 +104,7 @@ class _Capture:
     def __init__(self) -> None:
         self.outbox = Outbox()
         self.lock = threading.Lock()
-        self.renderers: dict[object, tuple[Renderer, Redirect | None]] = {}
+        self.renderers: dict[Settings, tuple[Renderer, Redirect | None]] = {}
 
     def record(self, client: Client, fields: dict[str, Any]) -> str:
         frame = wire.encode(fields)  # what the client would refuse, refused here
@@ -118,16 +118,15 @@ class _Capture:
         return request.id
 
     def renderer(self, settings: Settings) -> "tuple[Renderer, Redirect | None]":
-        """One renderer per templates folder and mail settings, as each daemon has its own."""
+        """One renderer per settings, as each daemon has its own."""
         from dispatcher.message import Redirect
         from dispatcher.render import Renderer
 
         with self.lock:
-            key = (settings.templates.dir, settings.mail)  # all that rendering depends on
-            found = self.renderers.get(key)
+            found = self.renderers.get(settings)
             if found is None:
                 renderer = Renderer(settings.templates.dir, settings.mail.from_)
-                found = self.renderers[key] = (renderer, Redirect.of(settings.mail))
+                found = self.renderers[settings] = (renderer, Redirect.of(settings.mail))
             return found
 
 

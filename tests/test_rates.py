@@ -103,6 +103,13 @@ def test_rate_and_domain_settings_are_checked_with_the_key_named(tmp_path: Path)
         load_settings(None, {"smtp__fallback": [{"bogus": 1}]}, environ={})
 
 
+def test_settings_with_domain_limits_stay_hashable_and_compare_their_limits() -> None:
+    limited = {"limits__domains": {"gmail.com": {"rate": 20, "connections": 4}}}
+    first, second = (load_settings(None, limited, environ={}) for _ in range(2))
+    assert hash(first) == hash(second) and first == second
+    assert first != load_settings(None, {"limits__domains": {"gmail.com": {"rate": 5}}}, environ={})
+
+
 # -- in a daemon --------------------------------------------------------------------------
 
 
