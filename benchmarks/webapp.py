@@ -28,7 +28,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,12 +93,6 @@ class OpenLoop:
 class ClosedLoop:
     rps: float
     errors: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -236,6 +229,9 @@ def closed_loop(port: int, seconds: float) -> tuple[float, int]:
 def server(mode: str, args: argparse.Namespace, env: dict[str, str], log: Path) -> Iterator[int]:
     """gunicorn serving `mode` on a port of its own; yields the port once it answers and the
     daemon is idle (delivering the last run's mail would load the next run's machine)."""
+    from benchmarks.common import wait_for_port  # the driver's: gunicorn's workers import no more
+    from tests.smtp_server import free_port
+
     wait_idle(Path(env["WEBAPP_SPOOL"]))
     port = free_port()
     command = [
@@ -286,11 +282,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode, in turn")
     args = parser.parse_args()
 
-    global wait_for_port  # the driver's only: gunicorn's workers import none of this
     sys.path.append(str(HERE.parent))  # after PYTHONPATH: a base checkout's package wins
     import dispatcher
     from benchmarks.common import wait_for_port
     from tests.daemon import write_settings
+    from tests.smtp_server import free_port
 
     relay_port = free_port()
     opened: dict[str, list[OpenLoop]] = {mode: [] for mode in args.modes.split(",")}
