@@ -26,6 +26,7 @@ SLOWDOWN = 60.0  # seconds a relay stays slowed after it last said we go too fas
 MIN_RATE = 0.1  # messages per second: halving never goes below this
 HALVE_EVERY = 1.0  # seconds: every connection hears "too fast" at once; that is one halving
 OBSERVED_WINDOW = 5.0  # seconds of sends that give an unlimited relay's rate when it is halved
+OBSERVED_SPAN = 1.0  # seconds: the shortest stretch a rate is measured over
 BUSY_HOLD = 0.05  # seconds a row waits when its domain has every allowed connection busy
 
 
@@ -87,9 +88,14 @@ class Pace:
         return self.rate
 
     def observed(self, now: float) -> float:
-        """Messages per second over the last OBSERVED_WINDOW seconds."""
-        recent = sum(1 for t in self.sent if t >= now - OBSERVED_WINDOW)
-        return max(2 * MIN_RATE, recent / OBSERVED_WINDOW)
+        """Messages per second over the last OBSERVED_WINDOW seconds, or over the stretch the
+        sends cover when they began later (a relay that throttles the first burst is halved
+        from that burst's rate, not from the burst spread over the whole window)."""
+        recent = [t for t in self.sent if t >= now - OBSERVED_WINDOW]
+        if not recent:
+            return 2 * MIN_RATE
+        span = max(OBSERVED_SPAN, now - recent[0])
+        return max(2 * MIN_RATE, len(recent) / span)
 
 
 class DomainLimits:

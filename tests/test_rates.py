@@ -64,6 +64,13 @@ def test_an_unlimited_relay_that_throttles_is_halved_from_what_it_was_sent() -> 
     assert pace.slow_down(5.0) == pytest.approx(10.0, rel=0.05)
 
 
+def test_a_relay_that_throttles_the_first_burst_is_halved_from_that_burst() -> None:
+    pace = Pace(None)
+    for _ in range(8):  # eight sends at once, 50 ms after the start
+        pace.reserve(0.05)
+    assert pace.slow_down(0.06) == pytest.approx(4.0)  # 8 over the shortest span (1 s), halved
+
+
 def test_a_domain_rate_holds_its_rows_one_slot_apart_and_lets_others_go() -> None:
     limits = DomainLimits({"slow.example": DomainLimit(rate=10)})
     held = [limits.admit(row(f"s{i}", f"u{i}@Slow.Example"), 50.0) for i in range(4)]
