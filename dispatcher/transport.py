@@ -14,18 +14,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import aiosmtplib
-from aiosmtplib import (
-    SMTPException,
-    SMTPNotSupported,
-    SMTPRecipientsRefused,
-    SMTPResponseException,
-)
+from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from dispatcher.errors import SettingsError
 from dispatcher.hosts import is_loopback
+from dispatcher.pipelining import Outcome, Session
 from dispatcher.settings import RelaySettings
 
 log = logging.getLogger(__name__)
@@ -73,7 +69,8 @@ class SmtpConnection:
         self._settings = settings
         self._max_idle = max_idle
         self._max_age = max_age
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: aiosmtplib.SMTP | None = None  # what opened the session (TLS, EHLO, login)
+        self._session: Session | None = None  # the transactions on it
         self._opened_at = 0.0
         self._used_at = 0.0
         self._password: str | None = None  # only to scrub it from reasons, never logged
@@ -154,14 +151,15 @@ class SmtpConnection:
 
     async def close(self) -> None:
         """Say QUIT (briefly) and close; the next `deliver()` would open a new connection."""
-        smtp, self._smtp = self._smtp, None
+        smtp, session = self._smtp, self._session
+        self._smtp = self._session = None
         if smtp is None:
             return
-        if smtp.is_connected:
+        if session is not None and smtp.is_connected:
             try:
                 async with asyncio.timeout(min(self._settings.timeout, _QUIT_TIMEOUT)):
-                    await smtp.quit()
-            except (SMTPException, OSError):
+                    await session.command(b"QUIT\r\n")
+            except (SMTPException, OSError, TimeoutError):
                 pass  # the server is gone or grumpy; closing our end is all that is left
         smtp.close()
 
@@ -171,7 +169,7 @@ class SmtpConnection:
             # aiosmtplib's timeout is per socket read; this one bounds the whole attempt.
             async with asyncio.timeout(deadline):
                 try:
-                    smtp = await self._connection()
+                    session = await self._connection()
                 except (SMTPException, OSError, SettingsError) as exc:
                     # Connect, TLS, EHLO or AUTH failed: a problem of the session, not of this
                     # message, so even a 5xx here (e.g. 535 bad credentials) is only deferred.
@@ -180,7 +178,7 @@ class SmtpConnection:
                     return _everyone(
                         rcpts, deferred=True, code=_code(exc), reply=reply, session=True
                     )
-                attempt = await self._send(smtp, envelope_from, rcpts, data)
+                attempt = await self._send(session, envelope_from, rcpts, data)
                 return replace(attempt, session_failed=True) if attempt.code == 421 else attempt
         except (SMTPException, OSError) as exc:
             # Disconnect, read timeout or our own deadline in mid-transaction: the connection's
@@ -192,7 +190,7 @@ class SmtpConnection:
             self._abandon()  # cancelled mid-dialogue: never reuse a half-finished transaction
             raise
 
-    async def _connection(self) -> aiosmtplib.SMTP:
+    async def _connection(self) -> Session:
         """The open connection, or a new one if there is none, it dropped, or it is too old."""
         now = time.monotonic()
         if self._smtp is not None and not (
@@ -201,10 +199,12 @@ class SmtpConnection:
             and now - self._opened_at < self._max_age
         ):
             await self.close()
-        if self._smtp is None:
+        if self._smtp is None or self._session is None:
             self._smtp = await self._connect()
+            transport = cast(asyncio.Transport, self._smtp.transport)
+            self._session = Session(transport, self._smtp.supports_extension("pipelining"))
             self._opened_at = self._used_at = time.monotonic()
-        return self._smtp
+        return self._session
 
     def _client(self, *, staged: bool = False) -> aiosmtplib.SMTP:
         """An unconnected client; `staged`: its `connect()` stops after the greeting (and the
@@ -230,41 +230,42 @@ class SmtpConnection:
         settings = self._settings
         smtp = self._client()
         await smtp.connect()
-        # From here each attempt is bounded by its own deadline (`_deliver`), so the replies
-        # need no timeout each: aiosmtplib's is an `asyncio.wait_for` per reply, 4 a message,
-        # measured at 7% of the daemon's busy time.
-        smtp.timeout = None
+        if smtp.is_ehlo_or_helo_needed:  # connect() says EHLO only for STARTTLS or a login
+            try:
+                await smtp.ehlo()
+            except SMTPHeloError:
+                await smtp.helo()
         log.debug("connected to %s:%d (%s)", settings.host, settings.port, settings.security)
         return smtp
 
     async def _send(
-        self, smtp: aiosmtplib.SMTP, envelope_from: str, rcpts: tuple[str, ...], data: bytes
+        self, session: Session, envelope_from: str, rcpts: tuple[str, ...], data: bytes
     ) -> Attempt:
         """One mail transaction on an open connection; failures with a reply are classified here,
         network failures propagate to `_deliver`."""
-        options = ["SMTPUTF8"] if not all(a.isascii() for a in (envelope_from, *rcpts)) else []
+        smtp = self._smtp
+        assert smtp is not None, "a session outlived its connection"
+        options = []
+        if not all(a.isascii() for a in (envelope_from, *rcpts)):
+            if not smtp.supports_extension("smtputf8"):
+                # No retry can change that for this message.
+                reply = "SMTPNotSupported: SMTPUTF8 is not supported by this server"
+                return _everyone(rcpts, deferred=False, code=None, reply=reply)
+            options.append("SMTPUTF8")
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
         try:
-            errors, message = await smtp.sendmail(envelope_from, rcpts, data, mail_options=options)
-        except SMTPRecipientsRefused as exc:
-            last = exc.recipients[-1]
-            per_rcpt = {r.recipient: (r.code, r.message) for r in exc.recipients}
-            return _per_recipient(rcpts, per_rcpt, last.code, _format(last.code, last.message))
-        except SMTPResponseException as exc:  # MAIL refused, DATA refused, an unparsable reply
-            if exc.code == 421 or exc.code < 0:
-                self._abandon()  # 421: the server is closing; < 0: we lost track of the dialogue
-            reply = _format(exc.code, exc.message)
-            return _everyone(rcpts, deferred=exc.code // 100 != 5, code=exc.code, reply=reply)
-        except (SMTPNotSupported, ValueError) as exc:
-            # SMTPUTF8 addresses the server cannot take, or an address aiosmtplib will not put
-            # on the wire (CR/LF): no retry can change that for this message.
+            outcome = await session.transaction(envelope_from, rcpts, data, options)
+        except ValueError as exc:  # an address that would put a control character on the wire
             return _everyone(rcpts, deferred=False, code=None, reply=_describe(exc))
-        per_rcpt = {r: (response.code, response.message) for r, response in errors.items()}
-        # sendmail() returns normally only after DATA got its 250.
-        return _per_recipient(rcpts, per_rcpt, 250, _format(250, message))
+        if outcome.closing:
+            self._abandon()  # 421: the server is closing
+        return _classified(rcpts, outcome)
 
     def _abandon(self) -> None:
         """Close without QUIT: after a failure the dialogue's state is not to be trusted."""
-        smtp, self._smtp = self._smtp, None
+        smtp = self._smtp
+        self._smtp = self._session = None
         if smtp is not None:
             smtp.close()
 
@@ -313,16 +314,24 @@ def credential_warnings(settings: RelaySettings) -> list[str]:
     ]
 
 
-def _per_recipient(
-    rcpts: tuple[str, ...], errors: dict[str, tuple[int, str]], code: int, reply: str
-) -> Attempt:
-    """Split recipients by their own RCPT replies: absent from `errors` means delivered."""
+def _classified(rcpts: tuple[str, ...], outcome: Outcome) -> Attempt:
+    """Each recipient's outcome from the replies: MAIL's when it was refused, else its RCPT
+    reply when that refused it, else the reply to DATA or to the message."""
+    mail = outcome.mail
+    if mail.code != 250:
+        return _everyone(rcpts, deferred=mail.code // 100 != 5, code=mail.code, reply=str(mail))
+    accepted = outcome.accepted
+    final = outcome.data if accepted and outcome.data else list(outcome.rcpts.values())[-1]
     deferred: dict[str, str] = {}
     refused: dict[str, str] = {}
-    for rcpt, (rcode, message) in errors.items():
-        (refused if rcode // 100 == 5 else deferred)[rcpt] = _format(rcode, message)
-    delivered = tuple(r for r in rcpts if r not in errors)
-    return Attempt(delivered, deferred, refused, code, reply)
+    delivered: list[str] = []
+    for rcpt in rcpts:
+        reply = final if rcpt in accepted else outcome.rcpts[rcpt]
+        if reply.code == 250:
+            delivered.append(rcpt)
+        else:
+            (refused if reply.code // 100 == 5 else deferred)[rcpt] = str(reply)
+    return Attempt(tuple(delivered), deferred, refused, final.code, str(final))
 
 
 def _everyone(

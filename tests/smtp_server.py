@@ -119,6 +119,8 @@ class _Handler:
     ) -> list[str]:
         session.host_name = hostname  # what aiosmtpd does itself when there is no hook
         self._server._note_session(session)
+        if self._server.pipelining:  # aiosmtpd reads pipelined commands but does not say so
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
@@ -180,9 +182,11 @@ class SmtpServer:
 
     `port=None` picks a free port; an explicit port is used as given, so a server can be
     stopped and started again on the port a daemon was told about. Also a context manager.
+    `pipelining=False` leaves PIPELINING out of EHLO: clients then send in lockstep.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, pipelining: bool = True) -> None:
+        self.pipelining = pipelining  # offered in EHLO, as every relay of note does
         self._explicit_port = port is not None
         self._port = port if port is not None else free_port()
         self._controller: _Controller | None = None

@@ -7,7 +7,7 @@ recipient, and `deliver()` must never raise for any of them.
 
 import asyncio
 import email.utils
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
 from email.utils import make_msgid
 
@@ -22,6 +22,13 @@ from tests.smtp_server import SmtpServer, free_port
 SENDER = "noreply@example.com"
 ADA = "ada@example.com"
 BOB = "bob@example.com"
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "lockstep"])
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """Every test here runs against a server that offers PIPELINING and one that does not."""
+    with SmtpServer(pipelining=request.param) as server:
+        yield server
 
 
 def settings_for(port: int, **overrides: object) -> SmtpSettings:
