@@ -58,7 +58,9 @@ def free_port() -> int:
 
 def _bind(port: int) -> socket.socket:
     """A listening-ready socket bound to HOST:port, as the server itself will bind it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, as getaddrinfo names it for asyncio's own servers: only then does
+    # asyncio set TCP_NODELAY on the connections, and replies are not held back by Nagle.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # Same as asyncio's servers: a restart on the port of a just-stopped server must not trip
     # over connections of the old one still in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
