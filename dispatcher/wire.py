@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import PurePath
-from typing import Any, Required, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Required, TypedDict, TypeVar
 
 import orjson
 
@@ -28,7 +28,9 @@ from dispatcher.address import (
     parse_address,
 )
 from dispatcher.errors import InvalidRequest, RequestTooLarge
-from dispatcher.raw import MAX_RAW_BYTES, RawMessage, decode_raw, encode_raw, message_bytes
+
+if TYPE_CHECKING:
+    from dispatcher.raw import RawMessage
 
 VERSION = 1
 # The daemon's socket refuses frames above twice this (ZMQ_MAXMSGSIZE), so a frame between the
@@ -103,7 +105,7 @@ class Request:
     subject: str | None = None  # kind "message": the parts themselves, no template
     text: str | None = None
     html: str | None = None
-    raw: RawMessage | None = None  # kind "raw": a message built by the app
+    raw: "RawMessage | None" = None  # kind "raw": a message built by the app
     envelope_from: Address | None = None
     timezone: str | None = None  # IANA name; dates in the template are shown in it
     unsubscribe_url: str | None = None  # https; sent as RFC 8058 one-click List-Unsubscribe
@@ -363,7 +365,9 @@ def _body(value: object, name: str) -> str | None:
 
 
 def _raw(full: bool) -> Check:
-    def rule(value: object, name: str) -> RawMessage:
+    def rule(value: object, name: str) -> "RawMessage":
+        from dispatcher.raw import decode_raw
+
         return decode_raw(value, name, full=full)
 
     return rule
@@ -708,6 +712,8 @@ def _iso_time(moment: object) -> str:
 
 
 def _raw_data(message: Any) -> str:
+    from dispatcher.raw import MAX_RAW_BYTES, encode_raw, message_bytes
+
     message = message_bytes(message)
     if len(message) > MAX_RAW_BYTES:
         raise RequestTooLarge(f"raw: at most {MAX_RAW_BYTES} bytes are allowed")
@@ -805,6 +811,8 @@ def to_fields(request: Request) -> dict[str, Any]:
     if request.template is not None:
         fields.update(template=request.template, context=request.context)
     if request.raw is not None:
+        from dispatcher.raw import encode_raw
+
         fields.update(raw=encode_raw(request.raw.data), recipients=[str(a) for a in request.to])
     else:
         for name in ADDRESS_LIST_FIELDS:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dispatcher
-from dispatcher import wire
+from dispatcher import raw, wire
 from dispatcher.errors import InvalidRequest, RequestTooLarge
 from dispatcher.message import Redirect, compose_raw, render_request
 from dispatcher.render import Renderer
@@ -99,7 +99,7 @@ def test_a_daemon_rejects_a_foreign_frame_with_an_injected_raw_header(
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.connect(daemon.settings.intake.bind)
-    push.send(wire._json({"v": 1, "raw": wire.encode_raw(bad)}))
+    push.send(wire._json({"v": 1, "raw": raw.encode_raw(bad)}))
     daemon.wait_for_log("rejected: raw: mixed or bare CR/LF line endings")
     daemon.wait_for_counts(rejected=1)
     push.close(linger=1000)
@@ -179,10 +179,10 @@ def test_enqueue_raw_refuses_what_is_not_a_message() -> None:
 
 def test_a_request_has_one_kind() -> None:
     data = built(From="a@example.com", To="b@example.com").as_bytes()
-    fields = {"v": 1, "template": "welcome", "to": "a@example.com", "raw": wire.encode_raw(data)}
+    fields = {"v": 1, "template": "welcome", "to": "a@example.com", "raw": raw.encode_raw(data)}
     with pytest.raises(InvalidRequest, match="raw: not allowed in a request with a template"):
         wire.check(fields, 100)
-    fields = {"v": 1, "raw": wire.encode_raw(data), "subject": "x"}
+    fields = {"v": 1, "raw": raw.encode_raw(data), "subject": "x"}
     with pytest.raises(InvalidRequest, match="subject: not allowed in a request with raw"):
         wire.validate(fields)
 
