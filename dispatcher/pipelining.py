@@ -90,6 +90,7 @@ class Session(asyncio.Protocol):
         delivered. Network failures and unreadable replies raise, as aiosmtplib's would."""
         mail = _command("MAIL FROM:", envelope_from, options)
         commands = [_command("RCPT TO:", rcpt, []) for rcpt in rcpts]
+        self._replies.clear()  # said between transactions, unasked: never a reply to ours
         start: Reply | None  # the reply to DATA; None when it was not sent
         if self.pipelining:
             self.write(b"".join((mail, *commands, b"DATA\r\n")))

@@ -143,3 +143,25 @@ def test_the_message_arrives_byte_for_byte_with_dots_and_bare_line_ends(pipelini
         assert asyncio.run(run()).delivered == ("ada@example.com",)
         (received,) = server.wait_for(1)
     assert received.data == b"Subject: dots\r\n\r\n.one\r\n.\r\ntwo\r\n"
+
+
+def test_a_refused_sender_sends_no_message_resets_and_an_unasked_reply_is_not_taken_for_one() -> (
+    None
+):
+    seen: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, reads: list[bytes]) -> None:
+        await greet(r, w, b"250-scripted\r\n250 PIPELINING\r\n")
+        await read_until(r, b"DATA\r\n", reads)
+        w.write(b"552 5.3.4 too big\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no valid recipients\r\n")
+        seen.append(await read_until(r, b"RSET\r\n", reads))
+        w.write(b"250 reset\r\n220 unasked chatter\r\n")  # a reply nobody asked for
+        await read_until(r, b"DATA\r\n", reads)
+        w.write(b"250 Ok\r\n250 Ok\r\n354 go ahead\r\n")
+        await read_until(r, b"\r\n.\r\n", reads)
+        w.write(b"250 queued\r\n")
+
+    first, second = deliver(script, ("ada@example.com",))
+    assert seen == [b"RSET\r\n"]  # no message data after the refused MAIL
+    assert first.refused == {"ada@example.com": "552 5.3.4 too big"} and first.code == 552
+    assert second.delivered == ("ada@example.com",) and second.reply == "250 queued"
