@@ -36,7 +36,7 @@ class Outcome:
     """The replies of one transaction, per step."""
 
     mail: Reply
-    rcpts: dict[str, Reply]  # every recipient's RCPT reply (absent when MAIL failed unpipelined)
+    rcpts: dict[str, Reply]  # the RCPT replies read (none after a refused MAIL or a 421)
     data: Reply | None  # the reply to DATA when it was refused, else to the message; None: not sent
 
     @property
@@ -91,14 +91,7 @@ class Session(asyncio.Protocol):
         mail = _command("MAIL FROM:", envelope_from, options)
         commands = [_command("RCPT TO:", rcpt, []) for rcpt in rcpts]
         self._replies.clear()  # said between transactions, unasked: never a reply to ours
-        start: Reply | None  # the reply to DATA; None when it was not sent
-        if self.pipelining:
-            self.write(b"".join((mail, *commands, b"DATA\r\n")))
-            mail_reply = await self.read()
-            replies = {rcpt: await self.read() for rcpt in rcpts}
-            start = await self.read()
-        else:
-            mail_reply, replies, start = await self._lockstep(mail, rcpts, commands)
+        mail_reply, replies, start = await self._exchange(mail, rcpts, commands)
         outcome = Outcome(mail_reply, replies, start)
         if start is not None and start.code == 354:
             if mail_reply.code == 250 and outcome.accepted:
@@ -110,19 +103,29 @@ class Session(asyncio.Protocol):
             await self.command(b"RSET\r\n")  # clear the envelope the failure left behind
         return outcome
 
-    async def _lockstep(
+    async def _exchange(
         self, mail: bytes, rcpts: tuple[str, ...], commands: list[bytes]
     ) -> tuple[Reply, dict[str, Reply], Reply | None]:
-        """Each command after the reply to the one before, for servers without PIPELINING."""
-        mail_reply = await self.command(mail)
+        """MAIL, each RCPT and DATA with their replies: written at once when the server
+        pipelines, else each after the reply to the one before, which stops where nothing more
+        can be delivered. A 421 ends it: the server closes the connection, nothing more comes."""
+        if self.pipelining:
+            self.write(b"".join((mail, *commands, b"DATA\r\n")))
+
+        async def step(line: bytes) -> Reply:
+            return await (self.read() if self.pipelining else self.command(line))
+
+        mail_reply = await step(mail)
         replies: dict[str, Reply] = {}
-        if mail_reply.code != 250:
+        if mail_reply.code == 421 or (mail_reply.code != 250 and not self.pipelining):
             return mail_reply, replies, None
         for rcpt, command in zip(rcpts, commands, strict=True):
-            replies[rcpt] = await self.command(command)
-        if not any(reply.code in (250, 251) for reply in replies.values()):
+            replies[rcpt] = reply = await step(command)
+            if reply.code == 421:
+                return mail_reply, replies, None
+        if not self.pipelining and not any(r.code in (250, 251) for r in replies.values()):
             return mail_reply, replies, None
-        return mail_reply, replies, await self.command(b"DATA\r\n")
+        return mail_reply, replies, await step(b"DATA\r\n")
 
     async def command(self, line: bytes) -> Reply:
         self.write(line)

@@ -326,7 +326,7 @@ def _classified(rcpts: tuple[str, ...], outcome: Outcome) -> Attempt:
     refused: dict[str, str] = {}
     delivered: list[str] = []
     for rcpt in rcpts:
-        reply = final if rcpt in accepted else outcome.rcpts[rcpt]
+        reply = final if rcpt in accepted else outcome.rcpts.get(rcpt, final)
         if reply.code == 250:
             delivered.append(rcpt)
         else:

@@ -165,3 +165,25 @@ def test_a_refused_sender_sends_no_message_resets_and_an_unasked_reply_is_not_ta
     assert seen == [b"RSET\r\n"]  # no message data after the refused MAIL
     assert first.refused == {"ada@example.com": "552 5.3.4 too big"} and first.code == 552
     assert second.delivered == ("ada@example.com",) and second.reply == "250 queued"
+
+
+@pytest.mark.parametrize("at", ["MAIL", "RCPT"])
+def test_a_421_ends_the_transaction_there_as_a_failure_of_the_relay(at: str) -> None:
+    """The server closes after a 421: the replies it will never send are not waited for, and
+    the attempt says the relay failed (no attempt of the message is used up)."""
+    connections = 0
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, reads: list[bytes]) -> None:
+        nonlocal connections
+        connections += 1
+        await greet(r, w, b"250-scripted\r\n250 PIPELINING\r\n")
+        await read_until(r, b"DATA\r\n", reads)
+        w.write(
+            b"421 4.3.2 going down\r\n" if at == "MAIL" else b"250 Ok\r\n421 4.3.2 going down\r\n"
+        )
+        await w.drain()
+
+    for attempt in deliver(script, ("ada@example.com", "bob@example.com")):
+        assert attempt.session_failed and attempt.code == 421 and attempt.delivered == ()
+        assert set(attempt.deferred) == {"ada@example.com", "bob@example.com"}
+    assert connections == 2
