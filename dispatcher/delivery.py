@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 IDLE_WAKE = 1.0
 FEED_BATCH = 32  # at least this many rows per feed: one render round trip and one commit each
 FIRST_RENDER = 2  # rows rendered ahead of the rest when the workers are idle (`hand_over`)
+EXPIRE_BATCH = 1000  # rows looked at per idle turn for `retry.max_age` while nothing is sent
 SHUTDOWN_GRACE = 10.0  # seconds in-flight sends may take to finish after SIGTERM
 
 
@@ -107,14 +108,37 @@ class Delivery:
         at = now()
         closed = self.admission.closed_until(at)
         if closed is not None:
+            self.expire_waiting(at)
             return 0, closed
         rows = self.spool.claim(at, self.batch)
         self.held.update(row.id for row in rows)
-        go, later = self.admission.admit(rows, at)
+        go, later = self.admission.admit(self.unexpired(rows, at), at)
         for row, when in later:
             self.release([row.id], when)
         await self.hand_over(go)
         return len(rows), None
+
+    def unexpired(self, rows: list[Row], at: float) -> list[Row]:
+        """The rows still within `retry.max_age`; the others are dead, never sent so late (a
+        password reset link days old is worse than none)."""
+        live = []
+        for row in rows:
+            if expired(row, self.settings.retry, at):
+                max_age = self.settings.retry.max_age
+                self.conclude(row, Dead(f"gave up after {max_age:g} s in the queue, unsent"))
+            else:
+                live.append(row)
+        return live
+
+    def expire_waiting(self, at: float) -> None:
+        """While nothing may be sent (every relay down), `retry.max_age` still holds: the
+        requests it ran out for become dead now, not when a relay is back."""
+        oldest = self.spool.oldest_waiting()
+        if oldest is None or oldest + self.settings.retry.max_age > at:
+            return  # nothing can have expired: the one cheap read of every idle turn
+        rows = self.spool.claim(at, EXPIRE_BATCH)
+        self.held.update(row.id for row in rows)
+        self.release([row.id for row in self.unexpired(rows, at)])
 
     async def hand_over(self, rows: list[Row]) -> None:
         """Render, record the starts in one transaction, queue for the workers.

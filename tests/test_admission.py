@@ -9,7 +9,7 @@ from dispatcher.delivery import Delivery
 from dispatcher.observer import Observer
 from dispatcher.renderpool import RenderPool
 from dispatcher.settings import Settings, SmtpSettings, SpoolSettings
-from dispatcher.spool import Incoming, Row
+from dispatcher.spool import Incoming, Row, now
 from dispatcher.spool.sqlite import SqliteSpool
 
 ROOT = Path(__file__).parents[1]
@@ -68,13 +68,13 @@ def delivery(tmp_path: Path, *policies: object) -> tuple[Delivery, SqliteSpool]:
     return Delivery(settings, spool, renders, Observer(settings, spool), admission), spool
 
 
-def add(spool: SqliteSpool, *ids: str) -> None:
+def add(spool: SqliteSpool, *ids: str, at: float | None = None) -> None:
     spool.add(
         [Incoming.of(wire.validate({"v": 1, "id": i, "template": "welcome", "to": "a@x.org",
                                     "context": {"name": "A", "activate_url": "u"}}))
          for i in ids],
         [],
-        1.0,
+        now() if at is None else at,  # a real clock: `retry.max_age` counts from here
     )  # fmt: skip
 
 
@@ -98,5 +98,16 @@ def test_while_a_policy_is_closed_nothing_is_claimed(tmp_path: Path) -> None:
     add(spool, "a")
     assert asyncio.run(feeder.feed_once()) == (0, 1e12)
     assert spool.inspect("a")["state"] == "queued" and not feeder.held  # type: ignore[index]
-    assert spool.claim(2.0, 10)[0].id == "a"  # never claimed by the feeder
+    assert spool.claim(now(), 10)[0].id == "a"  # never claimed by the feeder
+    spool.close()
+
+
+def test_while_closed_a_request_past_max_age_is_dead_and_the_others_wait(tmp_path: Path) -> None:
+    feeder, spool = delivery(tmp_path, Closed(until=1e12))
+    add(spool, "old", at=now() - feeder.settings.retry.max_age - 1)
+    add(spool, "new")
+    assert asyncio.run(feeder.feed_once()) == (0, 1e12)
+    feeder.journal.flush()
+    assert spool.inspect("old")["state"] == "dead"  # type: ignore[index]
+    assert spool.inspect("new")["state"] == "queued" and not feeder.held  # type: ignore[index]
     spool.close()

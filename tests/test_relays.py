@@ -255,3 +255,46 @@ def test_the_status_table_says_whose_view_of_a_relay_it_is_when_daemons_differ()
     table = status_table(report, 0.0)
     assert "r:25" in table and "down since" in table and "421 bye  (seen by b)" in table
     assert "seen by" not in status_table({**report, "relays": relays[:1]}, 0.0)
+
+
+def max_age_settings(tmp_path: Path, port: int, max_age: float) -> Path:
+    return write_settings(
+        tmp_path,
+        port,
+        smtp={"connections": 2, "timeout": 2, "probe": PROBE},
+        retry={"attempts": 3, "backoff": [0.05, 0.3], "max_age": max_age},
+    )
+
+
+def test_max_age_holds_while_the_relay_is_down_and_nothing_is_sent_late(
+    tmp_path: Path,
+    relay_server: RelayServer,  # noqa: F811
+    run_daemon: Callable[..., InProcessDaemon],
+) -> None:
+    relay_server.greeting = "421 4.3.2 Service not available"
+    path = max_age_settings(tmp_path, relay_server.port, max_age=1)
+    daemon = run_daemon(path)
+    enqueue(path, 3)
+    daemon.wait_for_log(f"relay 127.0.0.1:{relay_server.port} down")
+    daemon.wait_for_counts(dead=3, queued=0, retry=0)  # while the relay is still down
+    assert daemon.log.count("gave up after 1 s in the queue, unsent") == 3
+    relay_server.greeting = None
+    daemon.wait_for_log(f"relay 127.0.0.1:{relay_server.port} up again")
+    assert relay_server.messages == []
+
+
+def test_a_request_past_max_age_when_a_daemon_starts_is_dead_not_sent(
+    tmp_path: Path,
+    relay_server: RelayServer,  # noqa: F811
+    run_daemon: Callable[..., InProcessDaemon],
+) -> None:
+    """A host down for longer than `retry.max_age`: what waited in its spool is not sent."""
+    path = max_age_settings(tmp_path, free_port(), max_age=0.5)  # no relay: nothing goes
+    daemon = run_daemon(path)
+    enqueue(path, 2)
+    daemon.wait_for_counts(queued=2)
+    daemon.stop()
+    time.sleep(0.6)  # the downtime itself is what is tested: the requests age past max_age
+    daemon = run_daemon(max_age_settings(tmp_path, relay_server.port, max_age=0.5))
+    daemon.wait_for_counts(dead=2, queued=0, retry=0)
+    assert relay_server.messages == []
