@@ -112,22 +112,27 @@ def test_data_accepted_after_every_recipient_was_refused_is_ended_empty_and_rese
         assert attempt.deferred == {"ada@example.com": "450 4.2.0 mailbox busy"}
 
 
-def test_a_reply_that_is_not_smtp_is_deferred_and_the_connection_replaced() -> None:
-    connections = 0
+def answering(reply: bytes, connections: list[int]) -> Script:
+    """A server that answers each connection's pipelined batch with `reply`, then waits for
+    the client to hang up; `connections` gets an entry per connection."""
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, reads: list[bytes]) -> None:
-        nonlocal connections
-        connections += 1
+        connections.append(1)
         await greet(r, w, b"250-scripted\r\n250 PIPELINING\r\n")
         await read_until(r, b"DATA\r\n", reads)
-        w.write(b"hello there\r\n")
-        await r.read()  # until the client drops the connection
+        w.write(reply)
+        await r.read()
 
-    attempts = deliver(script, ("ada@example.com",))
+    return script
+
+
+def test_a_reply_that_is_not_smtp_is_deferred_and_the_connection_replaced() -> None:
+    connections: list[int] = []
+    attempts = deliver(answering(b"hello there\r\n", connections), ("ada@example.com",))
     for attempt in attempts:
         assert attempt.deferred == {"ada@example.com": attempt.reply}
         assert "Malformed SMTP response line: hello there" in attempt.reply
-    assert connections == 2
+    assert len(connections) == 2
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
@@ -169,21 +174,11 @@ def test_a_refused_sender_sends_no_message_resets_and_an_unasked_reply_is_not_ta
 
 @pytest.mark.parametrize("at", ["MAIL", "RCPT"])
 def test_a_421_ends_the_transaction_there_as_a_failure_of_the_relay(at: str) -> None:
-    """The server closes after a 421: the replies it will never send are not waited for, and
-    the attempt says the relay failed (no attempt of the message is used up)."""
-    connections = 0
-
-    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, reads: list[bytes]) -> None:
-        nonlocal connections
-        connections += 1
-        await greet(r, w, b"250-scripted\r\n250 PIPELINING\r\n")
-        await read_until(r, b"DATA\r\n", reads)
-        w.write(
-            b"421 4.3.2 going down\r\n" if at == "MAIL" else b"250 Ok\r\n421 4.3.2 going down\r\n"
-        )
-        await w.drain()
-
-    for attempt in deliver(script, ("ada@example.com", "bob@example.com")):
+    """After a 421 the server sends nothing more: the replies it will never send are not
+    waited for, and the attempt says the relay failed (no attempt of the message is used up)."""
+    connections: list[int] = []
+    reply = b"421 4.3.2 going down\r\n" if at == "MAIL" else b"250 Ok\r\n421 4.3.2 going down\r\n"
+    for attempt in deliver(answering(reply, connections), ("ada@example.com", "bob@example.com")):
         assert attempt.session_failed and attempt.code == 421 and attempt.delivered == ()
         assert set(attempt.deferred) == {"ada@example.com", "bob@example.com"}
-    assert connections == 2
+    assert len(connections) == 2
