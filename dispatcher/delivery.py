@@ -58,6 +58,7 @@ class Delivery:
         # workers send this one.
         self.batch = max(2 * settings.smtp.connections, FEED_BATCH)
         self.held: set[str] = set()  # claimed and not yet concluded or released
+        self.expires_after = 0.0  # no request can run out of `retry.max_age` before this
         # Given back while the store could not take it: given back again on the next feed.
         self.unreleased: list[tuple[list[str], float | None]] = []
         self.wake = asyncio.Event()
@@ -133,9 +134,13 @@ class Delivery:
     def expire_waiting(self, at: float) -> None:
         """While nothing may be sent (every relay down), `retry.max_age` still holds: the
         requests it ran out for become dead now, not when a relay is back."""
+        if at < self.expires_after:
+            return
         oldest = self.spool.oldest_waiting()
-        if oldest is None or oldest + self.settings.retry.max_age > at:
-            return  # nothing can have expired: the one cheap read of every idle turn
+        # Nothing waiting now expires before the oldest does, nor anything that comes later.
+        self.expires_after = (oldest if oldest is not None else at) + self.settings.retry.max_age
+        if at < self.expires_after:
+            return
         rows = self.spool.claim(at, EXPIRE_BATCH)
         self.held.update(row.id for row in rows)
         self.release([row.id for row in self.unexpired(rows, at)])
