@@ -13,7 +13,7 @@ from dispatcher.preview import PreviewApp
 from dispatcher.render import Renderer, check_templates
 from dispatcher.settings import load_settings
 from tests.content_templates import CONTEXT, write_order_templates
-from tests.test_render import MAIL_FROM, make_templates, parse
+from tests.test_render import MAIL_FROM, make_templates, parse, renderer_for
 
 
 def subject_and_html(renderer: Renderer, locale: str | None) -> tuple[str, str]:
@@ -29,7 +29,7 @@ def test_locale_tags_are_normalized_and_fall_back_to_their_language() -> None:
 
 
 def test_each_file_falls_back_on_its_own(tmp_path: Path) -> None:
-    templates = make_templates(
+    renderer = renderer_for(
         tmp_path,
         {
             "hi/subject.txt": "Hello",
@@ -39,7 +39,6 @@ def test_each_file_falls_back_on_its_own(tmp_path: Path) -> None:
             "hi/body.de.txt": "Deutscher Text",
         },
     )
-    renderer = Renderer(templates, MAIL_FROM)
     assert renderer.render_parts("hi", {}, locale="de-AT").subject == "Servus"
     assert renderer.render_parts("hi", {}, locale="de-AT").text == "Deutscher Text"
     assert renderer.render_parts("hi", {}, locale="de_CH").subject == "Hallo"
@@ -80,10 +79,7 @@ def test_the_default_locale_comes_from_settings_or_template_yaml(tmp_path: Path)
 
 
 def test_a_filter_given_a_bad_value_names_the_template_line(tmp_path: Path) -> None:
-    renderer = Renderer(
-        make_templates(tmp_path, {"d/subject.txt": "Hi", "d/body.txt": "\n{{ when | date }}"}),
-        MAIL_FROM,
-    )
+    renderer = renderer_for(tmp_path, {"d/subject.txt": "Hi", "d/body.txt": "\n{{ when | date }}"})
     with pytest.raises(TemplateError, match="not an ISO 8601 date") as caught:
         renderer.render_parts("d", {"when": "yesterday"})
     assert caught.value.location == "templates/d/body.txt:2"
@@ -137,7 +133,7 @@ def test_preview_lists_the_locales_and_renders_a_sample_in_each(tmp_path: Path) 
 
 
 def test_without_a_catalog_gettext_leaves_strings_as_written(tmp_path: Path) -> None:
-    templates = make_templates(
+    renderer = renderer_for(
         tmp_path,
         {
             "t/subject.txt": (
@@ -147,6 +143,6 @@ def test_without_a_catalog_gettext_leaves_strings_as_written(tmp_path: Path) -> 
             "t/body.html": "<p>{% trans %}Hello {{ name }}{% endtrans %}</p>",
         },
     )
-    parts = Renderer(templates, MAIL_FROM).render_parts("t", {"name": "<Ada>"}, locale="de")
+    parts = renderer.render_parts("t", {"name": "<Ada>"}, locale="de")
     assert parts.subject == "Welcome 2 items"
     assert parts.html == "<p>Hello &lt;Ada&gt;</p>"
