@@ -14,7 +14,9 @@ import asyncio
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
+import aiosmtplib
 from aiosmtplib import SMTPResponseException, SMTPServerDisconnected
 
 MAX_LINE = 8192  # bytes in one reply line, as aiosmtplib allows
@@ -51,16 +53,18 @@ class Outcome:
 
 
 class Session(asyncio.Protocol):
-    """The replies of a server, however many arrive in one read; takes over `transport`."""
+    """The transactions on a connection `smtp` opened (it keeps closing it); reads the
+    server's replies, however many arrive in one read."""
 
-    def __init__(self, transport: asyncio.Transport, pipelining: bool) -> None:
-        self.transport = transport
-        self.pipelining = pipelining
+    def __init__(self, smtp: aiosmtplib.SMTP) -> None:
+        self.smtp = smtp
+        self.transport = cast(asyncio.Transport, smtp.transport)
+        self.pipelining = smtp.supports_extension("pipelining")
         self._buffer = bytearray()
         self._replies: deque[Reply] = deque()
         self._failure: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
-        transport.set_protocol(self)
+        self.transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Self, cast
+from typing import Self
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
@@ -69,8 +69,7 @@ class SmtpConnection:
         self._settings = settings
         self._max_idle = max_idle
         self._max_age = max_age
-        self._smtp: aiosmtplib.SMTP | None = None  # what opened the session (TLS, EHLO, login)
-        self._session: Session | None = None  # the transactions on it
+        self._session: Session | None = None  # aiosmtplib opened it (TLS, EHLO, login)
         self._opened_at = 0.0
         self._used_at = 0.0
         self._password: str | None = None  # only to scrub it from reasons, never logged
@@ -90,7 +89,7 @@ class SmtpConnection:
     @property
     def is_open(self) -> bool:
         """Whether a connection to the server is open now (for the metrics)."""
-        return self._smtp is not None and self._smtp.is_connected
+        return self._session is not None and self._session.smtp.is_connected
 
     async def deliver(self, envelope_from: str, recipients: Sequence[str], data: bytes) -> Attempt:
         """Send `data` (the whole message, headers included) to `recipients`; never raises for
@@ -151,11 +150,11 @@ class SmtpConnection:
 
     async def close(self) -> None:
         """Say QUIT (briefly) and close; the next `deliver()` would open a new connection."""
-        smtp, session = self._smtp, self._session
-        self._smtp = self._session = None
-        if smtp is None:
+        session, self._session = self._session, None
+        if session is None:
             return
-        if session is not None and smtp.is_connected:
+        smtp = session.smtp
+        if smtp.is_connected:
             try:
                 async with asyncio.timeout(min(self._settings.timeout, _QUIT_TIMEOUT)):
                     await session.command(b"QUIT\r\n")
@@ -193,16 +192,14 @@ class SmtpConnection:
     async def _connection(self) -> Session:
         """The open connection, or a new one if there is none, it dropped, or it is too old."""
         now = time.monotonic()
-        if self._smtp is not None and not (
-            self._smtp.is_connected
+        if self._session is not None and not (
+            self._session.smtp.is_connected
             and now - self._used_at < self._max_idle
             and now - self._opened_at < self._max_age
         ):
             await self.close()
-        if self._smtp is None or self._session is None:
-            self._smtp = await self._connect()
-            transport = cast(asyncio.Transport, self._smtp.transport)
-            self._session = Session(transport, self._smtp.supports_extension("pipelining"))
+        if self._session is None:
+            self._session = Session(await self._connect())
             self._opened_at = self._used_at = time.monotonic()
         return self._session
 
@@ -243,8 +240,7 @@ class SmtpConnection:
     ) -> Attempt:
         """One mail transaction on an open connection; failures with a reply are classified here,
         network failures propagate to `_deliver`."""
-        smtp = self._smtp
-        assert smtp is not None, "a session outlived its connection"
+        smtp = session.smtp
         options = []
         if not all(a.isascii() for a in (envelope_from, *rcpts)):
             if not smtp.supports_extension("smtputf8"):
@@ -264,10 +260,9 @@ class SmtpConnection:
 
     def _abandon(self) -> None:
         """Close without QUIT: after a failure the dialogue's state is not to be trusted."""
-        smtp = self._smtp
-        self._smtp = self._session = None
-        if smtp is not None:
-            smtp.close()
+        session, self._session = self._session, None
+        if session is not None:
+            session.smtp.close()
 
     def _scrubbed(self, attempt: Attempt) -> Attempt:
         """The attempt with the password blanked out, in case a server or library echoed it."""
