@@ -4,10 +4,12 @@ A request stays pending until a daemon publishes a receipt, which it does only a
 Without one after `client.ack_timeout` it is sent once more; without one again it is written to
 the overflow folder, which daemons ingest. A request that no daemon could take (none connected,
 send queue full) waits up to `client.ack_timeout` for one, then is spilled the same way. The
-caller's thread only checks, sends without blocking and records; one background thread does the
-rest. Fork-safe: a child never touches its parent's `Handoff` (threads do not survive `fork()`).
+caller's thread only checks, sends without blocking, records, and forgets a few acknowledged
+requests; one background thread does the rest. Fork-safe: a child never touches its parent's
+`Handoff` (threads do not survive `fork()`).
 """
 
+import collections
 import functools
 import itertools
 import logging
@@ -20,6 +22,7 @@ import orjson
 import zmq
 
 from dispatcher import overflow
+from dispatcher.awaiting import Awaiting
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,19 +41,17 @@ HANDSHAKE_GRACE = 1.0  # seconds to wait for the other daemons' receipts after t
 # again, instead of doubling the daemon's work (measured: 59k re-sends, 23k spilled, for one
 # 100k burst). With no receipt for `ack_timeout`, the plain timeout applies.
 PATIENCE = 5
+# Acknowledged requests a call forgets (see `_forget`): more than one, so that the receipts of a
+# burst are forgotten by the calls after it.
+FORGET_PER_CALL = 4
 OVERFLOW_LEASE = 10.0  # a spill file touched this recently is being handed over by someone
 # A spill file handed over without a receipt waits twice as long each time, up to this many
 # seconds (a daemon that cannot store, for one): re-sending it every lease cost CPU and memory.
 HAND_OVER_LONGEST = 300.0
 
 
-# A request handed over (or not) and not yet acknowledged: its frame, time.monotonic() of its
-# last send, how often it was sent, and the spill file it was read back from (already durable)
-# or None. A plain tuple, not a class: the garbage collector stops tracking a tuple of bytes
-# and numbers, so pending requests add nothing to the collections that pause the caller (a
-# full one took 142 ms with 27,000 of them as dataclass instances).
-Pending = tuple[bytes, float, int, Path | None]
-NOT_PENDING: Pending = (b"", 0.0, 0, None)  # what a receipt for an unknown id pops
+# A request not handed over yet: its frame and the time.monotonic() it was made at.
+Unsent = tuple[bytes, float]
 
 
 class Handoff:
@@ -81,15 +82,19 @@ class Handoff:
         self.poller.register(self.handshakes, zmq.POLLIN)
         self.lock = threading.Lock()  # the push socket, and pending/unsent as one state
         self.changed = threading.Condition(self.lock)  # a request acknowledged or spilled
-        self.pending: dict[str, Pending] = {}  # handed over, oldest send first
+        self.pending = Awaiting()  # handed over, not yet acknowledged
+        # Ids whose receipts came and that are still in `pending`: see `_forget`.
+        self.acknowledged: collections.deque[str] = collections.deque()
+        self.calls = 0  # submit() calls ever: the keeper forgets for a caller that is idle
+        self.calls_seen = 0  # `calls` at the keeper's last look
+        self.emptied: list[Path] = []  # spill files whose requests all came: to remove
         # Not handed over: no daemon connected yet (a fresh socket needs its connection first)
         # or its queue full. The keeper sends them as soon as it can, or spills them.
-        self.unsent: dict[str, Pending] = {}
+        self.unsent: dict[str, Unsent] = {}
         self.spilling = 0  # frames being written by a thread right now
         self.spilled = 0  # frames spilled since the last flush()
         self.resent = 0  # frames sent a second time for want of a receipt (ever)
         self.receipt_at = float("-inf")  # time.monotonic() of the last receipt
-        self.sources: dict[Path, int] = {}  # spill file -> its requests still pending
         self.not_mine: set[str] = set()  # spill files sealed by another key: theirs to send
         # Spill files handed over in vain: their name -> (how often, when to try again).
         self.unanswered: dict[str, tuple[int, float]] = {}
@@ -147,10 +152,12 @@ class Handoff:
         """Send without blocking and keep the request until its receipt comes."""
         sent_at = time.monotonic()
         with self.lock:
+            self.calls += 1
+            self._forget(FORGET_PER_CALL)
             if self.listening.is_set() and not self.unsent and self._send(frame):
-                self.pending[request_id] = (frame, sent_at, 1, None)
+                self.pending.add(request_id, frame, sent_at)
             else:
-                self.unsent[request_id] = (frame, sent_at, 0, None)
+                self.unsent[request_id] = (frame, sent_at)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every request is acknowledged or spilled; True if all were acknowledged.
@@ -161,11 +168,13 @@ class Handoff:
         """
         deadline = time.monotonic() + max(timeout, 0.0)
         with self.lock:
+            self._forget()
             while self._own_pending() or self.spilling:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.changed.wait(min(left, TICK))
+                self._forget()
         self._spill_all()
         with self.lock:
             spilled, self.spilled = self.spilled, 0
@@ -179,6 +188,7 @@ class Handoff:
         while self._worth_waiting() and time.monotonic() < deadline:
             self._listen()
         self._spill_all()
+        self._remove_emptied()
         if self.unsent:
             log.critical("dispatcher client: %d requests lost at exit", len(self.unsent))
         self.receipts.disable_monitor()
@@ -196,6 +206,7 @@ class Handoff:
             try:
                 self._listen()
                 self._check_timeouts()
+                self._remove_emptied()
                 if time.monotonic() >= next_overflow:
                     next_overflow = time.monotonic() + 1.0
                     self._hand_over_spilled()
@@ -251,40 +262,55 @@ class Handoff:
         if done:
             self.receipt_at = time.monotonic()
             self.unanswered.clear()  # a daemon acknowledges again: hand spill files over now
+        self.acknowledged.extend(done)
         with self.lock:
-            for request_id in done:
-                _, _, _, source = self.pending.pop(request_id, NOT_PENDING)
-                if source is not None:
-                    self._source_done(source)
+            if self.calls == self.calls_seen:  # no call since the last look: nobody waits
+                self._forget()
+            self.calls_seen = self.calls
             self.changed.notify_all()
 
-    def _source_done(self, source: Path) -> None:
-        self.sources[source] -= 1
-        if self.sources[source] == 0:
-            del self.sources[source]
-            overflow.remove(source)
+    def _remove_emptied(self) -> None:
+        """Remove the spill files whose every request was acknowledged."""
+        with self.lock:
+            emptied, self.emptied = self.emptied, []
+        for path in emptied:
+            overflow.remove(path)
+
+    def _forget(self, most: int | None = None) -> None:
+        """Drop acknowledged requests from `pending` (caller holds the lock).
+
+        The caller's thread forgets a few on each call, the keeper only the rest once calls
+        stop: a batch of a thousand receipts is Python work that holds the GIL, and a call
+        waiting for it was the slowest one in a thousand (`benchmarks/enqueue.py`)."""
+        acknowledged, pending = self.acknowledged, self.pending
+        count = len(acknowledged) if most is None else min(most, len(acknowledged))
+        for _ in range(count):
+            emptied = pending.acknowledge(acknowledged.popleft())
+            if emptied is not None:
+                self.emptied.append(emptied)  # removed by the keeper, off the caller's path
 
     def _check_timeouts(self) -> None:
         """Send once more what had no receipt in time; spill what had none twice."""
         now, timeout = time.monotonic(), self.settings.ack_timeout
         if now - self.receipt_at < timeout:  # receipts are coming: the daemon is only behind
             timeout *= PATIENCE
-        expired: list[tuple[str, Pending]] = []
         expired_frames: list[bytes] = []
         with self.lock:
-            for request_id, entry in self.pending.items():
-                _, sent_at, _, _ = entry
-                if sent_at + timeout > now:
-                    break  # oldest first: the rest are younger
-                expired.append((request_id, entry))
-            for request_id, (frame, _, sends, source) in expired:
-                del self.pending[request_id]
+            oldest = self.pending.oldest_sent_at()
+            if oldest is not None and oldest + timeout <= now:
+                self._forget()  # an acknowledged request is not late, only not yet forgotten
+            for request_id in self.pending.late(now, timeout):
+                if request_id not in self.pending.frames:
+                    continue  # abandoned with its spill file just now
+                source = self.pending.from_files.get(request_id)
                 if source is not None:  # durable already: its file will be retried, later
-                    if self.sources.pop(source, None) is not None:
-                        self._back_off(source.name, now)
-                elif sends < 2 and self._send(frame):
+                    self.pending.abandon(source)
+                    self._back_off(source.name, now)
+                    continue
+                frame, resent = self.pending.remove(request_id)
+                if not resent and self._send(frame):
                     self.resent += 1
-                    self.pending[request_id] = (frame, now, sends + 1, None)
+                    self.pending.add(request_id, frame, now, resent=True)
                 else:
                     expired_frames.append(frame)
             self.spilling += len(expired_frames)
@@ -295,13 +321,13 @@ class Handoff:
         now, timeout = time.monotonic(), self.settings.ack_timeout
         spill: list[bytes] = []
         with self.lock:
-            for request_id, (frame, sent_at, _, _) in list(self.unsent.items()):
+            for request_id, (frame, sent_at) in list(self.unsent.items()):
                 if sent_at + timeout <= now:
                     spill.append(frame)
                 elif not (send and self._send(frame)):
                     break  # still no room (or not listening yet): the younger ones wait too
                 else:
-                    self.pending[request_id] = (frame, now, 1, None)
+                    self.pending.add(request_id, frame, now)
                 del self.unsent[request_id]
             self.spilling += len(spill)
         self._spill(spill)
@@ -314,7 +340,7 @@ class Handoff:
         if not self.listening.is_set():
             return
         with self.lock:
-            if self.sources or not self.push.poll(0, zmq.POLLOUT):
+            if self.pending.files or not self.push.poll(0, zmq.POLLOUT):
                 return
         files = overflow.waiting(self.settings.overflow_dir)
         names = {path.name for path in files}
@@ -366,8 +392,7 @@ class Handoff:
                     continue  # a daemon ingesting the folder records it as rejected
                 if not self._send(frame):
                     break
-                self.pending[request_id] = (frame, time.monotonic(), 1, path)
-                self.sources[path] = self.sources.get(path, 0) + 1
+                self.pending.add(request_id, frame, time.monotonic(), source=path)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -382,11 +407,12 @@ class Handoff:
     def unsaved(self) -> int:
         """Requests held only in this process's memory: not acknowledged, not spilled."""
         with self.lock:
-            return len(self.unsent) + len(self.pending) - sum(self.sources.values())
+            self._forget()
+            return len(self.unsent) + self.pending.own()
 
     def _awaiting_receipt(self) -> bool:
         """Handed over, not yet acknowledged, and not from a spill file (those are durable)."""
-        return len(self.pending) > sum(self.sources.values())
+        return self.pending.own() > 0
 
     def _own_pending(self) -> bool:
         """Requests of this process not yet durable anywhere."""
@@ -395,17 +421,16 @@ class Handoff:
     def _worth_waiting(self) -> bool:
         """At exit: a receipt may still come, or a connected daemon can take what waits."""
         with self.lock:
+            self._forget()
             connected = bool(self.unsent and self.push.poll(0, zmq.POLLOUT))
             return self._awaiting_receipt() or connected
 
     def _spill_all(self) -> None:
         with self.lock:
-            frames = [frame for frame, _, _, _ in self.unsent.values()]
+            self._forget()
+            frames = [frame for frame, _ in self.unsent.values()]
             self.unsent.clear()
-            for request_id, (frame, _, _, source) in list(self.pending.items()):
-                if source is None:
-                    frames.append(frame)
-                    del self.pending[request_id]
+            frames += self.pending.take_own()
             self.spilling += len(frames)
         self._spill(frames)
 
@@ -429,7 +454,7 @@ class Handoff:
             with self.lock:
                 for frame in frames:  # kept, and tried again when the keeper next looks
                     request_id = str(orjson.loads(frame)["id"])
-                    self.unsent[request_id] = (frame, time.monotonic(), 0, None)
+                    self.unsent[request_id] = (frame, time.monotonic())
                 self.spilling -= len(frames)
                 self.changed.notify_all()
             return

@@ -359,3 +359,22 @@ def test_a_closed_client_opens_again_on_its_next_call(daemon: FakeDaemon) -> Non
     app.close()
     assert {f["id"] for f in daemon.wait_for(2)} == {first, second}  # each acknowledged
     assert first.split("-")[0] != second.split("-")[0]  # a new hand-off, with its own client id
+
+
+def test_acknowledged_requests_are_forgotten_once_calls_stop(daemon: FakeDaemon) -> None:
+    """Calls forget a few acknowledged requests each; the keeper forgets the rest once the
+    caller is idle, so memory is given back without a flush()."""
+    assert daemon.settings is not None
+    app = dispatcher.Client(daemon.settings)
+    try:
+        for n in range(50):
+            app.enqueue_email("welcome", to=f"u{n}@example.com")
+        daemon.wait_for(50)
+        handoff = app._handoff
+        assert handoff is not None
+        deadline = time.monotonic() + 10
+        while len(handoff.pending) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(handoff.pending) == 0 and not handoff.acknowledged
+    finally:
+        app.close()
