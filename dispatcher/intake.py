@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: one fsync for many requests
 FIRST_BATCH = 32  # frames in the first transaction of a burst (see `serve`)
+# Loop turns left to delivery before each batch. A render result takes a few to reach the
+# feeder (the executor's callback, then each task awaiting it), each SMTP reply one to reach its
+# worker; with one turn, each such step of a burst's first mail waited for a whole batch
+# (`benchmarks/pickup.py`). A turn with nothing to run costs microseconds; a batch, milliseconds.
+DELIVERY_TURNS = 8
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
@@ -173,8 +178,10 @@ class Intake:
                 batch = FIRST_BATCH
                 await self.pull.poll()  # readable (POLLIN), no timeout
             # Delivery first: the workers and the feeder this loop turn woke (a render back, a
-            # reply from the relay) run before the loop is held for a whole batch.
-            await asyncio.sleep(0)
+            # reply from the relay) run before the loop is held for a whole batch, and so do
+            # their next steps: each await they wake takes one more turn.
+            for _ in range(DELIVERY_TURNS):
+                await asyncio.sleep(0)
             await self.store_when_possible(self.receive(batch))
             batch = min(2 * batch, BATCH)
 
