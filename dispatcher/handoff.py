@@ -206,6 +206,7 @@ class Handoff:
             try:
                 self._listen()
                 self._check_timeouts()
+                self._forget_for_an_idle_caller()
                 self._remove_emptied()
                 if time.monotonic() >= next_overflow:
                     next_overflow = time.monotonic() + 1.0
@@ -264,10 +265,15 @@ class Handoff:
             self.unanswered.clear()  # a daemon acknowledges again: hand spill files over now
         self.acknowledged.extend(done)
         with self.lock:
-            if self.calls == self.calls_seen:  # no call since the last look: nobody waits
+            self.changed.notify_all()
+
+    def _forget_for_an_idle_caller(self) -> None:
+        """Forget every acknowledged request once no call came since the keeper's last look:
+        then nobody waits for the GIL, and memory is given back without a flush()."""
+        with self.lock:
+            if self.calls == self.calls_seen and self.acknowledged:
                 self._forget()
             self.calls_seen = self.calls
-            self.changed.notify_all()
 
     def _remove_emptied(self) -> None:
         """Remove the spill files whose every request was acknowledged."""

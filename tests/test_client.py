@@ -1,5 +1,6 @@
 """The client: validates at once, hands over without blocking, stays light and fork-safe."""
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -363,15 +364,18 @@ def test_a_closed_client_opens_again_on_its_next_call(daemon: FakeDaemon) -> Non
 
 def test_acknowledged_requests_are_forgotten_once_calls_stop(daemon: FakeDaemon) -> None:
     """Calls forget a few acknowledged requests each; the keeper forgets the rest once the
-    caller is idle, so memory is given back without a flush()."""
+    caller is idle, so memory is given back without a flush(), even when every receipt came
+    in one frame after the last call."""
     assert daemon.settings is not None
-    app = dispatcher.Client(daemon.settings)
+    daemon.acknowledging = False
+    patient = dataclasses.replace(daemon.settings.client, ack_timeout=60.0)  # no timeout path
+    app = dispatcher.Client(dataclasses.replace(daemon.settings, client=patient))
     try:
-        for n in range(50):
-            app.enqueue_email("welcome", to=f"u{n}@example.com")
+        ids = [app.enqueue_email("welcome", to=f"u{n}@example.com") for n in range(50)]
         daemon.wait_for(50)
         handoff = app._handoff
-        assert handoff is not None
+        assert handoff is not None and len(handoff.pending) == 50
+        daemon.pub.send(" ".join([handoff.client_id, *ids]).encode())
         deadline = time.monotonic() + 10
         while len(handoff.pending) and time.monotonic() < deadline:
             time.sleep(0.01)
