@@ -25,6 +25,10 @@ ENV_PREFIX = "DISPATCHER_"
 SETTINGS_ENV = "DISPATCHER_SETTINGS"
 PASSWORD_ENV = "DISPATCHER_SMTP_PASSWORD"
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+# libyaml's safe loader where PyYAML was built with it (its wheels are): the same documents and
+# types as yaml.safe_load, parsed in C. Pure-Python parsing of settings.yaml was most of a first
+# enqueue_email() without configure() (`benchmarks/startup.py`).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read_password(path: Path | None, key: str) -> str | None:
@@ -282,7 +286,7 @@ def _find(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Pa
 
 def _read(source: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         raise SettingsError(f"{source}: not valid YAML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -296,7 +300,7 @@ def _read(source: Path) -> dict[str, Any]:
 
 def _env_value(name: str, text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError:
         raise SettingsError(f"{name}: not a valid YAML value: {text!r}") from None
 
