@@ -2,8 +2,8 @@
 
 Kept in dicts of bytes and floats, with no tuple or object per request: every such object
 counts as an allocation to the garbage collector until its receipt frees it, and with thousands
-awaiting theirs, a caller sending as fast as it can paid for a collection every ~700 calls and
-for a full one (tens of milliseconds) now and then (`benchmarks/enqueue.py`'s max).
+awaiting theirs, a caller sending as fast as it can paid for frequent collections, and now and
+then for a full one: the slowest call of `benchmarks/enqueue.py`.
 """
 
 from pathlib import Path
@@ -37,7 +37,7 @@ class Awaiting:
         self.sent_at[request_id] = at
         if resent:
             self.resent.add(request_id)
-        if source is not None:
+        if source is not None and request_id not in self.from_files:
             self.from_files[request_id] = source
             self.files[source] = self.files.get(source, 0) + 1
 

@@ -80,3 +80,10 @@ def test_awaiting_many_requests_triggers_no_garbage_collection(
     assert collections_run == []
     assert all(awaiting.acknowledge(request_id) is None for request_id in ids)
     assert len(awaiting) == 0
+
+
+def test_a_request_read_twice_from_its_spill_file_counts_once() -> None:
+    awaiting, spill = Awaiting(), Path("spill-1")
+    awaiting.add("a", b"A", 1.0, source=spill)
+    awaiting.add("a", b"A", 2.0, source=spill)  # the same id twice in a damaged file
+    assert awaiting.acknowledge("a") == spill
