@@ -46,6 +46,12 @@ class RenderedMessage:
     subject: str
     data: bytes
 
+    def __reduce__(self) -> tuple[type["RenderedMessage"], tuple[object, ...]]:
+        """Pickled as its fields, for the render workers' results: a frozen slotted dataclass's
+        own pickling calls `dataclasses.fields()` for every object, both ways."""
+        fields = (self.message_id, self.envelope_from, self.recipients, self.subject, self.data)
+        return (RenderedMessage, fields)
+
 
 def compose(
     parts: Parts, request: Request, sender: Address, now: datetime | None = None

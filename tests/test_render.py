@@ -8,6 +8,7 @@ mail client would, rather than compared as strings.
 import email
 import email.policy
 import http.server
+import pickle
 import threading
 from datetime import UTC, datetime
 from email.message import EmailMessage, MIMEPart
@@ -487,3 +488,10 @@ def test_header_check_finds_a_header_line_made_by_a_bare_line_break(hello: Rende
     data = rendered.data.replace(rendered.message_id.encode(), b"<other@example.com>")
     with pytest.raises(TemplateError, match="Message-ID came out as"):
         check_headers(written, data, rendered.message_id)
+
+
+def test_a_rendered_message_crosses_from_a_render_worker_unchanged() -> None:
+    """Workers hand messages back pickled: every field must survive the trip."""
+    ada = {"name": "Ada", "activate_url": "https://example.com/a"}
+    message = Renderer(SHIPPED, MAIL_FROM).render(request("welcome", context=ada), NOW)
+    assert pickle.loads(pickle.dumps(message)) == message
