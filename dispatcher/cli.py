@@ -148,6 +148,10 @@ def _read_context(path: Path | None) -> dict[str, Any]:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.service import serve  # the daemon's imports are heavy; only `run` needs them
 
+    # The daemon logs a line per mail: its records skip what the format never shows (the
+    # logging HOWTO's "Optimization": the caller's file and line, the thread, the process).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     asyncio.run(serve(settings))
     return 0
 
