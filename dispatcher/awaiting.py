@@ -67,6 +67,23 @@ class Awaiting:
             ids.append(request_id)
         return ids
 
+    def take_late(
+        self, now: float, timeout: float
+    ) -> tuple[list[tuple[str, bytes, bool]], set[Path]]:
+        """Stop awaiting what had no receipt within `timeout`: this process's own requests
+        (id, frame, whether sent twice already), and the spill files abandoned because one of
+        their requests was late (each file whole: it is handed over again later)."""
+        own: list[tuple[str, bytes, bool]] = []
+        files: set[Path] = set()
+        for request_id in self.late(now, timeout):
+            source = self.from_files.get(request_id)
+            if source is not None:
+                files.add(source)
+                self.abandon(source)
+            elif request_id in self.frames:  # else abandoned with its spill file just now
+                own.append((request_id, *self.remove(request_id)))
+        return own, files
+
     def oldest_sent_at(self) -> float | None:
         return next(iter(self.sent_at.values()), None)
 

@@ -305,15 +305,10 @@ class Handoff:
             oldest = self.pending.oldest_sent_at()
             if oldest is not None and oldest + timeout <= now:
                 self._forget()  # an acknowledged request is not late, only not yet forgotten
-            for request_id in self.pending.late(now, timeout):
-                if request_id not in self.pending.frames:
-                    continue  # abandoned with its spill file just now
-                source = self.pending.from_files.get(request_id)
-                if source is not None:  # durable already: its file will be retried, later
-                    self.pending.abandon(source)
-                    self._back_off(source.name, now)
-                    continue
-                frame, resent = self.pending.remove(request_id)
+            own, files = self.pending.take_late(now, timeout)
+            for source in files:  # durable already: each file is retried, later
+                self._back_off(source.name, now)
+            for request_id, frame, resent in own:
                 if not resent and self._send(frame):
                     self.resent += 1
                     self.pending.add(request_id, frame, now, resent=True)

@@ -87,3 +87,14 @@ def test_a_request_read_twice_from_its_spill_file_counts_once() -> None:
     awaiting.add("a", b"A", 1.0, source=spill)
     awaiting.add("a", b"A", 2.0, source=spill)  # the same id twice in a damaged file
     assert awaiting.acknowledge("a") == spill
+
+
+def test_late_requests_are_given_back_and_a_late_spill_file_is_abandoned_whole() -> None:
+    awaiting, spill = Awaiting(), Path("spill-1")
+    awaiting.add("filed-1", b"F1", 1.0, source=spill)
+    awaiting.add("mine", b"M", 2.0, resent=True)
+    awaiting.add("filed-2", b"F2", 20.0, source=spill)  # not late itself: goes with its file
+    awaiting.add("young", b"Y", 20.0)
+    own, files = awaiting.take_late(now=12.0, timeout=10.0)
+    assert own == [("mine", b"M", True)] and files == {spill}
+    assert len(awaiting) == 1 and awaiting.files == {}
