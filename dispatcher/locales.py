@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from dispatcher import styles
+
 if TYPE_CHECKING:
     from babel.core import Locale
     from babel.support import Translations
@@ -134,9 +136,10 @@ class LocalizedEnvironment(jinja2.sandbox.SandboxedEnvironment):
 
     def join_path(self, template: str, parent: str) -> str:
         locales = current_chain.get()
-        if not locales or self.variants is None:
-            return template
-        return self.variants.find(template, locales) or template
+        if locales and self.variants is not None:
+            template = self.variants.find(template, locales) or template
+        styles.note_template(template)  # every file a page uses, for the CSS inliner
+        return template
 
 
 # -- formatting --------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from dispatcher.compose import (
     message_id_for,
 )
 from dispatcher.errors import TemplateError
-from dispatcher.render import Renderer, html_to_text, inline_css
+from dispatcher.render import Renderer, html_to_text
 from dispatcher.settings import MailSettings
+from dispatcher.styles import inline_css
 from dispatcher.wire import Request
 
 ORIGINAL_TO = "X-Original-To"

@@ -14,13 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
-import css_inline
 import jinja2
 import jinja2.sandbox
 import yaml
 from jinja2.loaders import split_template_path
 
-from dispatcher import locales, template_defaults
+from dispatcher import locales, styles, template_defaults
 from dispatcher.address import Address, check_header_text, parse_address
 from dispatcher.compose import Parts, RenderedMessage, compose
 from dispatcher.errors import InvalidRequest, TemplateError
@@ -38,14 +37,6 @@ EXAMPLE_RECIPIENT = "Example Recipient <recipient@example.com>"  # `render`, `ch
 # inscriptis writes links as `[text](url)`; mail readers expect `text (url)`.
 _MARKDOWN_LINK = re.compile(r"\[([^\[\]]*)\]\(([^()\s]*)\)")
 _BLANK_LINES = re.compile(r"\n{3,}")
-# Mail clients drop <style> blocks (Gmail clips them, Outlook ignores many rules): every rule that
-# can be is copied into `style` attributes. At-rules (@media) cannot be inlined, so they stay in a
-# <style> block for the clients that honour them. Nothing is ever fetched: <link> stylesheets are
-# dropped, not loaded, so rendering never touches the network.
-_STYLE_TAG = re.compile(r"<style\b", re.IGNORECASE)
-_CSS_INLINER = css_inline.CSSInliner(
-    load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
-)
 
 
 class ConfinedLoader(jinja2.FileSystemLoader):
@@ -107,6 +98,7 @@ def template_environment(
         auto_reload=auto_reload,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=styles.hollow,  # values as they are, except in a page `styles.Inliner` shapes
     )
     # The i18n callables come in each render's context (its catalog, or none): a global costs
     # a ChainMap look-up in every context Jinja makes, three per mail.
@@ -152,6 +144,10 @@ class Renderer:
         if isinstance(self._env, locales.LocalizedEnvironment):
             self._env.variants = self._variants
         self._catalogs = locales.Catalogs(self.templates_dir, auto_reload=auto_reload)
+        # Shapes only where templates cannot change under them, and where every file a page
+        # uses is seen (`LocalizedEnvironment.join_path` tells).
+        shapes = not auto_reload and isinstance(self._env, locales.LocalizedEnvironment)
+        self._styles = styles.Inliner(self._env, shapes=shapes)
         self._known: frozenset[str] = frozenset()
         self._auto_reload = auto_reload
         self._defaults: dict[str, TemplateDefaults] = {}
@@ -211,9 +207,10 @@ class Renderer:
         except InvalidRequest as exc:
             raise TemplateError(str(exc), where) from None
         html = None
-        if plan.html is not None:
-            html = self._render(plan.html, context)
-            html = inline_css(html, f"{self.templates_dir.name}/{plan.html}")
+        if (page := plan.html) is not None:
+            html = self._styles.page(
+                page, lambda: self._render(page, context), f"{self.templates_dir.name}/{page}"
+            )
         if plan.text is not None:
             text = self._render(plan.text, context)
         elif html is not None:
@@ -512,20 +509,6 @@ def check_templates(renderer: Renderer) -> CheckReport:
                     if str(exc) not in failures:  # a compile error fails every sample alike
                         failures.append(f"{exc} [template {name}, sample {sample}{shown}]")
     return CheckReport(len(names), failures, warnings)
-
-
-def inline_css(html: str, where: str | None = None) -> str:
-    """The HTML part as mail clients want it: `<style>` rules moved into `style` attributes.
-
-    HTML without a `<style>` block is returned as written: the inliner would re-serialise it
-    (wrapping a fragment in `<html><body>`) for nothing.
-    """
-    if not _STYLE_TAG.search(html):
-        return html
-    try:
-        return _CSS_INLINER.inline(html)
-    except ValueError as exc:  # css-inline raises ValueError for CSS it cannot parse
-        raise TemplateError(f"cannot inline the CSS: {exc}", where) from exc
 
 
 def html_to_text(html: str) -> str:
