@@ -30,7 +30,9 @@ _CSS_INLINER = css_inline.CSSInliner(
     load_remote_stylesheets=False, keep_link_tags=False, keep_at_rules=True
 )
 
-MAX_SHAPES = 256  # shapes kept per renderer; past it, new shapes are inlined whole
+# Characters of pages a renderer keeps with their shapes (each about twice over: the page and its
+# cut); past it, new shapes are inlined whole. Bounds a worker's memory whatever the pages.
+SHAPES_BUDGET = 4 * 1024 * 1024
 TRIAL = 32  # shapes a template may miss before it must hit as often as it misses
 
 _SPACE = " \t\n\r\f"  # HTML's whitespace: a value's leading and trailing runs stay in the shape
@@ -135,6 +137,7 @@ class Inliner:
         self.env = env
         self.enabled = shapes  # off where templates change under us (auto-reload)
         self.shapes: dict[str, Shape | None] = {}  # page with holes -> its shape; None: whole
+        self.kept = 0  # characters of the pages in `shapes`
         self.whole: set[str] = set()  # templates whose pages are always inlined whole
         self.misses: dict[str, int] = {}
         self.hits: dict[str, int] = {}
@@ -173,9 +176,10 @@ class Inliner:
         misses = self.misses[template] = self.misses.get(template, 0) + 1
         if misses >= TRIAL and misses > self.hits.get(template, 0):
             self.whole.add(template)  # its pages take too many shapes to pay off
-        elif len(self.shapes) < MAX_SHAPES and not any(map(_UNFILLABLE.search, values)):
+        elif self.kept + len(page) <= SHAPES_BUDGET and not any(map(_UNFILLABLE.search, values)):
             shape = cut(page, inline_css(page, where), len(values))
             self.shapes[page] = shape if shape and shape.fill(values) == inlined else None
+            self.kept += len(page)
         return inlined
 
     def _reads_output(self, name: str) -> bool:

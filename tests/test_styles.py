@@ -165,11 +165,14 @@ def test_a_template_with_a_new_shape_per_mail_stops_trying(tmp_path: Path) -> No
 
 
 def test_shapes_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(styles, "MAX_SHAPES", 3)
-    body = f"<html><head>{CSS}</head><body>{{% for _ in range(n) %}}<p>{{{{ v }}}}</p>"
-    body += "{% endfor %}</body></html>"
+    """Each page here is longer than the last; the budget holds the first three."""
+    head = f"<html><head>{CSS}</head><body>"
+    pages = [len(head) + n * len("<p>\ue0000\ue001</p>") + len("</body></html>") for n in (1, 2, 3)]
+    monkeypatch.setattr(styles, "SHAPES_BUDGET", sum(pages))
+    body = head + "{% for _ in range(n) %}<p>{{ v }}</p>{% endfor %}</body></html>"
     inliner = assert_same_pages(tmp_path, body, [{"n": n, "v": "x"} for n in range(1, 8)])
     assert len(inliner.shapes) == 3
+    assert inliner.kept == sum(pages)
 
 
 @pytest.mark.parametrize("in_attribute", [False, True])
