@@ -154,8 +154,11 @@ class Inliner:
         finally:
             _current.reset(token)
         values = holes.values
-        if not values or not _STYLE_TAG.search(page):
-            return inline_css(_filled(page, values), where)
+        if not _STYLE_TAG.search(page):  # nothing to inline: not worth the holes next time
+            self.whole.add(template)
+            return _filled(page, values)
+        if not values:
+            return inline_css(page, where)
         if any(self._reads_output(name) for name in (template, *holes.templates)):
             self.whole.add(template)  # its code saw holes where the values belong
             return inline_css(render(), where)

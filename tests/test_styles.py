@@ -186,3 +186,8 @@ def test_values_are_escaped_as_the_inliner_writes_them(in_attribute: bool) -> No
     out = inliner.inline(html + "</body></html>")
     filled = (styles._attribute_text if in_attribute else styles._text)(text)
     assert filled in out
+
+
+def test_a_page_without_styles_is_left_as_rendered(tmp_path: Path) -> None:
+    inliner = assert_same_pages(tmp_path, "<p>{{ v }}</p>")
+    assert "t/body.html" in inliner.whole and not inliner.shapes
