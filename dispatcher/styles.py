@@ -102,9 +102,19 @@ def hollow(eval_ctx: jinja2.nodes.EvalContext, value: Any) -> Any:
     core = text.strip(_SPACE)
     if not core:
         return value
-    lead = text[: len(text) - len(text.lstrip(_SPACE))]
+    number = len(holes.values)
     holes.values.append(core)
-    return Markup(f"{lead}\ue000{len(holes.values) - 1}\ue001{text[len(lead) + len(core) :]}")
+    if len(core) == len(text):
+        return _mark(number)
+    lead = text[: len(text) - len(text.lstrip(_SPACE))]
+    return Markup(f"{lead}\ue000{number}\ue001{text[len(lead) + len(core) :]}")
+
+
+_MARKS = [Markup(f"\ue000{number}\ue001") for number in range(64)]  # the common holes' marks
+
+
+def _mark(number: int) -> Markup:
+    return _MARKS[number] if number < len(_MARKS) else Markup(f"\ue000{number}\ue001")
 
 
 def note_template(name: str) -> None:
