@@ -58,7 +58,9 @@ _CSS_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
 _PIECE = re.compile(r'<!--.*?-->|<[^>"]*(?:"[^"]*"[^>"]*)*>|[^<]+|<', re.DOTALL)
 _QUOTED_VALUE = re.compile(r'([^\s"\'>/=]+)="([^"]*)"')
 _RAW_TEXT = ("style", "script", "xmp", "iframe", "noembed", "noframes", "noscript", "plaintext")
-_SELECTED_ATTRIBUTES = frozenset(("class", "id", "style"))
+# Attributes whose values decide more than themselves: what selectors match, and how the parser
+# builds the tree (`<input type=hidden>` stays in a table, `<annotation-xml encoding>`).
+_DECIDING_ATTRIBUTES = frozenset(("class", "id", "style", "type", "encoding"))
 _PLAIN_VALUES = (str, int, float)
 
 
@@ -234,7 +236,7 @@ def cut(page: str, inlined: str, count: int) -> Shape | None:
                 raw_until = f"</{name}"
             for attribute, value in _QUOTED_VALUE.findall(text):
                 if "\ue000" in value:
-                    if attributes_read or attribute.lower() in _SELECTED_ATTRIBUTES:
+                    if attributes_read or attribute.lower() in _DECIDING_ATTRIBUTES:
                         return None
                     in_attribute.update((int(number), True) for number in _HOLE.findall(value))
     parts = _HOLE.split(inlined)

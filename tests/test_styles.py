@@ -32,6 +32,7 @@ TRICKY = [
     "&lt;b&gt;not bold&lt;/b&gt;",
     "<b>bold?</b>",
     "warn",
+    "hidden",
     "https://example.com/?a=1&b=2",
 ]
 
@@ -95,6 +96,8 @@ def test_loops_and_branches_make_one_shape_each(tmp_path: Path) -> None:
         '<p class="{{ v }}">x</p>',
         '<p id="{{ v }}">x</p>',
         '<p style="margin: {{ w }}">x</p>',
+        # The parser reads this one: a hidden input stays in the table, others move before it.
+        '<table><input type="{{ v }}"><tr><td>x</td></tr></table>',
         # Selectors that read attribute values.
         '<style>a[href^="https"] { color: green; }</style><a href="{{ v }}">x</a>',
         '<style>:lang(de) p { color: green; }</style><div lang="{{ v }}"><p>x</p></div>',
@@ -191,3 +194,10 @@ def test_values_are_escaped_as_the_inliner_writes_them(in_attribute: bool) -> No
 def test_a_page_without_styles_is_left_as_rendered(tmp_path: Path) -> None:
     inliner = assert_same_pages(tmp_path, "<p>{{ v }}</p>")
     assert "t/body.html" in inliner.whole and not inliner.shapes
+
+
+def test_a_page_of_many_values_keeps_its_shape(tmp_path: Path) -> None:
+    body = f"<html><head>{CSS}</head><body>{{% for item in items %}}<p>{{{{ item }}}}</p>"
+    contexts = [{"items": [f"{TRICKY[n % 3]} {n}" for n in range(100)]}, {"items": ["x"] * 100}]
+    inliner = assert_same_pages(tmp_path, body + "{% endfor %}</body></html>", contexts)
+    assert len(kept_shapes(inliner)) == 1
