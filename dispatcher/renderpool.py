@@ -11,6 +11,7 @@ its batch are rendered all the same.
 """
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -156,6 +157,8 @@ def _start(
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
     threading.Thread(target=_exit_with_parent, args=(daemon,), daemon=True).start()
     _worker_renderer = Renderer(templates_dir, mail_from, auto_reload=auto_reload, **options)
+    gc.collect()  # the worker's start-up stays out of every later full collection, as the
+    gc.freeze()  # daemon's does (`service.serve`)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -1,5 +1,6 @@
 """Rendering in worker processes: same messages, no lost request when a worker dies, no orphan."""
 
+import gc
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dispatcher
+from dispatcher.renderpool import RenderPool
 from tests.daemon import ROOT, DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
 
@@ -143,3 +145,13 @@ def test_a_signal_to_the_whole_process_group_stops_the_daemon_cleanly(
     assert daemon.process.wait(30) == 0
     assert "ERROR" not in daemon.log and "Traceback" not in daemon.log, daemon.log
     assert "stopped:" in daemon.log
+
+
+def test_a_workers_start_up_is_kept_out_of_later_full_collections() -> None:
+    """What a worker loaded before its first render is frozen: a full collection in the
+    middle of a batch scans only what rendering made, not every module."""
+    pool = RenderPool(ROOT / "templates", "Example <noreply@example.com>", 1)
+    try:
+        assert pool._pool().submit(gc.get_freeze_count).result(timeout=60) > 1000
+    finally:
+        pool.close()
