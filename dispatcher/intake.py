@@ -9,6 +9,7 @@ While the store cannot take a batch, intake holds that one batch, reads no more 
 import asyncio
 import functools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,18 @@ log = logging.getLogger(__name__)
 RECEIVE_HWM = 50_000
 BATCH = 1000  # frames per intake transaction: one fsync for many requests
 FIRST_BATCH = 32  # frames in the first transaction of a burst (see `serve`)
+# Seconds without a frame that make the next frames a new burst: a flood's momentary gaps (the
+# socket drained faster than the sender fills it) keep its batches whole.
+BURST_GAP = 0.01
 # Loop turns left to delivery before each batch. A render result takes a few to reach the
 # feeder (the executor's callback, then each task awaiting it), each SMTP reply one to reach its
 # worker; with one turn, each such step of a burst's first mail waited for a whole batch
 # (`benchmarks/pickup.py`). A turn with nothing to run costs microseconds; a batch, milliseconds.
 DELIVERY_TURNS = 8
+# Seconds intake pauses before each batch of a burst's ramp while delivery holds mail: loop
+# turns alone pass only what is ready, and an SMTP reply a few hundred microseconds away (the
+# relay needs the CPU too) then waited for the next batch, once per step of the first mails.
+RAMP_PAUSE = 0.002
 RECEIPT_HWM = 100_000  # receipts queued per subscriber before PUB drops (a drop = a re-send)
 OVERFLOW_SCAN = 1.0  # seconds between looks at the overflow folder
 REBIND_RETRY = 0.01  # seconds between attempts to bind an endpoint again after a reload
@@ -81,9 +89,11 @@ class Intake:
         observer: Observer,
         has_template: Callable[[str], bool],
         stored: Callable[[], None],
+        delivering: Callable[[], bool] = lambda: False,
     ) -> None:
         """`has_template` answers "is there such a template?"; `stored` is told when a batch
-        added requests, so delivery looks at the spool at once."""
+        added requests, so delivery looks at the spool at once; `delivering`, whether delivery
+        holds mail now (claimed, not yet concluded)."""
         for key in ("bind", "acks"):
             curve.check_bind_allowed(
                 f"intake.{key}", getattr(settings.intake, key), settings.intake.curve
@@ -93,6 +103,7 @@ class Intake:
         self.observer = observer
         self.has_template = has_template
         self.stored = stored
+        self.delivering = delivering
         self.gate: curve.Gatekeeper | None = None
         self.pull = context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -168,20 +179,25 @@ class Intake:
     async def serve(self) -> None:
         """Wait for readiness, then drain and store in batches (far faster than awaiting each).
 
-        A burst (frames after an idle socket) starts with a small batch, and each batch
+        A burst (frames after BURST_GAP without any) starts with a small batch, and each batch
         doubles the next up to BATCH: the first requests are committed, and on their way to
         the relay, while the rest is still arriving; a flood still gets one fsync for BATCH.
+        While the batches are small and delivery holds mail, each waits RAMP_PAUSE first.
         """
         batch = FIRST_BATCH
         while True:
             if not self.drain_socket.poll(0, zmq.POLLIN):
-                batch = FIRST_BATCH
+                idle_since = time.monotonic()
                 await self.pull.poll()  # readable (POLLIN), no timeout
+                if time.monotonic() - idle_since > BURST_GAP:
+                    batch = FIRST_BATCH
             # Delivery first: the workers and the feeder this loop turn woke (a render back, a
             # reply from the relay) run before the loop is held for a whole batch, and so do
             # their next steps: each await they wake takes one more turn.
             for _ in range(DELIVERY_TURNS):
                 await asyncio.sleep(0)
+            if batch < BATCH and self.delivering():
+                await asyncio.sleep(RAMP_PAUSE)
             await self.store_when_possible(self.receive(batch))
             batch = min(2 * batch, BATCH)
 

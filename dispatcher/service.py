@@ -67,6 +67,7 @@ class Daemon:
                 self.observer,
                 self.renders.renderer.has_template,
                 self.delivery.wake.set,
+                lambda: bool(self.delivery.held),
             )
         except BaseException:
             self.close(intake=False)
