@@ -166,23 +166,21 @@ class Inliner:
         finally:
             _current.reset(token)
         values = holes.values
-        if not _STYLE_TAG.search(page):  # nothing to inline: not worth the holes next time
+        if (
+            not _STYLE_TAG.search(page)  # nothing to inline: not worth the holes next time
+            or not _numbered(page, len(values))  # the template's own text holds a hole's marks
+            or any(self._reads_output(name) for name in (template, *holes.templates))
+        ):  # (the last: its code saw holes where the values belong)
             self.whole.add(template)
-            return _filled(page, values)
+            return inline_css(render(), where)
         if not values:
             return inline_css(page, where)
-        if any(self._reads_output(name) for name in (template, *holes.templates)):
-            self.whole.add(template)  # its code saw holes where the values belong
-            return inline_css(render(), where)
         if page in self.shapes:
             shape = self.shapes[page]
             self.hits[template] = self.hits.get(template, 0) + 1
             if shape is not None and not any(_UNFILLABLE.search(value) for value in values):
                 return shape.fill(values)
             return inline_css(_filled(page, values), where)
-        if not _numbered(page, len(values)):  # the template's own text holds a hole's marks
-            self.whole.add(template)
-            return inline_css(render(), where)
         return self._learn(template, page, values, where)
 
     def _learn(self, template: str, page: str, values: list[str], where: str) -> str:

@@ -112,6 +112,8 @@ def test_loops_and_branches_make_one_shape_each(tmp_path: Path) -> None:
         "<table>{{ v }}<tr><td>x</td></tr></table>",
         "<pre>{{ v }}</pre>",
         "{% autoescape false %}<p>{{ v }}</p>{% endautoescape %}",
+        # The template's own text looks like a hole.
+        "<p>\ue0000\ue001 {{ v }}</p>",
     ],
 )
 def test_values_a_selector_or_the_parser_reads_get_the_whole_page_inlined(
