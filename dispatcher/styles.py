@@ -166,21 +166,23 @@ class Inliner:
         finally:
             _current.reset(token)
         values = holes.values
+        if any(self._reads_output(name) for name in (template, *holes.templates)):
+            self.whole.add(template)  # its code saw holes where the values belong
+            return inline_css(render(), where)
+        if page in self.shapes:  # passed the checks below when it was learned
+            shape = self.shapes[page]
+            self.hits[template] = self.hits.get(template, 0) + 1
+            if shape is not None and _fillable(values):
+                return shape.fill(values)
+            return inline_css(_filled(page, values), where)
         if (
             not _STYLE_TAG.search(page)  # nothing to inline: not worth the holes next time
             or not _numbered(page, len(values))  # the template's own text holds a hole's marks
-            or any(self._reads_output(name) for name in (template, *holes.templates))
-        ):  # (the last: its code saw holes where the values belong)
+        ):
             self.whole.add(template)
             return inline_css(render(), where)
         if not values:
             return inline_css(page, where)
-        if page in self.shapes:
-            shape = self.shapes[page]
-            self.hits[template] = self.hits.get(template, 0) + 1
-            if shape is not None and not any(_UNFILLABLE.search(value) for value in values):
-                return shape.fill(values)
-            return inline_css(_filled(page, values), where)
         return self._learn(template, page, values, where)
 
     def _learn(self, template: str, page: str, values: list[str], where: str) -> str:
@@ -189,7 +191,7 @@ class Inliner:
         misses = self.misses[template] = self.misses.get(template, 0) + 1
         if misses >= TRIAL and misses > self.hits.get(template, 0):
             self.whole.add(template)  # its pages take too many shapes to pay off
-        elif self.kept + len(page) <= SHAPES_BUDGET and not any(map(_UNFILLABLE.search, values)):
+        elif self.kept + len(page) <= SHAPES_BUDGET and _fillable(values):
             shape = cut(page, inline_css(page, where), len(values))
             self.shapes[page] = shape if shape and shape.fill(values) == inlined else None
             self.kept += len(page)
@@ -285,6 +287,10 @@ def _holes_quoted(page: str) -> bool:
             if inside != text.count("\ue000"):
                 return False
     return True
+
+
+def _fillable(values: list[str]) -> bool:
+    return not any(_UNFILLABLE.search(value) for value in values)
 
 
 def _numbered(page: str, count: int) -> bool:
