@@ -146,8 +146,8 @@ class Renderer:
         self._catalogs = locales.Catalogs(self.templates_dir, auto_reload=auto_reload)
         # Shapes only where templates cannot change under them, and where every file a page
         # uses is seen (`LocalizedEnvironment.join_path` tells).
-        shapes = not auto_reload and isinstance(self._env, locales.LocalizedEnvironment)
-        self._styles = styles.Inliner(self._env, shapes=shapes)
+        keep_shapes = not auto_reload and isinstance(self._env, locales.LocalizedEnvironment)
+        self._styles = styles.Inliner(self._env, keep_shapes=keep_shapes)
         self._known: frozenset[str] = frozenset()
         self._auto_reload = auto_reload
         self._defaults: dict[str, TemplateDefaults] = {}

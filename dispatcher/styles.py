@@ -145,9 +145,9 @@ class Shape:
 class Inliner:
     """Inlines the CSS of a renderer's pages, each shape once (see the module docstring)."""
 
-    def __init__(self, env: jinja2.Environment, *, shapes: bool) -> None:
+    def __init__(self, env: jinja2.Environment, *, keep_shapes: bool) -> None:
         self.env = env
-        self.enabled = shapes  # off where templates change under us (auto-reload)
+        self.keep_shapes = keep_shapes  # off where templates change under us (auto-reload)
         self.shapes: dict[str, Shape | None] = {}  # page with holes -> its shape; None: whole
         self.kept = 0  # characters of the pages in `shapes`
         self.whole: set[str] = set()  # templates whose pages are always inlined whole
@@ -157,7 +157,7 @@ class Inliner:
 
     def page(self, template: str, render: Callable[[], str], where: str) -> str:
         """`render()`'s page (the HTML file `template`), its CSS inlined."""
-        if not self.enabled or template in self.whole:
+        if not self.keep_shapes or template in self.whole:
             return inline_css(render(), where)
         holes = _Holes()
         token = _current.set(holes)
