@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
+from dispatcher import logline
 from dispatcher.errors import DispatcherError, NotFound, UsageError
 from dispatcher.settings import Settings, load_settings
 
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.settings)
-        _configure_logging(args.log_level or settings.log.level)
+        logline.configure(args.log_level or settings.log.level)
         result: int = args.command(settings, args)
         return result
     except (DispatcherError, OSError) as exc:
@@ -125,12 +126,6 @@ def _parser() -> argparse.ArgumentParser:
         help="with --dkim; default: dkim.algorithm, else rsa-sha256",
     )
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    # Under systemd, journald stamps every line itself; a second timestamp is noise.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=level, format=f"{stamp}%(levelname)s %(name)s: %(message)s")
 
 
 def _read_context(path: Path | None) -> dict[str, Any]:

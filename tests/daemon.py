@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from dispatcher import client
+from dispatcher.logline import OneLineFormatter
 from dispatcher.service import Daemon
 from dispatcher.settings import Settings, load_settings
 from dispatcher.spool import open_reader
@@ -303,12 +304,11 @@ class _LineHandler(logging.Handler):
         super().__init__()
         self.thread = thread
         self.add_line = add_line
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setFormatter(OneLineFormatter(LOG_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread.ident:  # not the test's client, nor another daemon
-            for line in self.format(record).splitlines():
-                self.add_line(line)
+            self.add_line(self.format(record))
 
 
 def run_cli(*args: str, settings: Path | None = None) -> subprocess.CompletedProcess[str]:
