@@ -2,11 +2,17 @@
 
 journald, `grep` and log shippers take each line for an event of its own, so a record that
 spans lines (a relay's multi-line reply, a traceback) would split into entries without its
-level or logger. Its line breaks are written as the two characters `\\n` instead.
+level or logger. Its line breaks are written as the two characters `\\n` instead. What Python
+itself would print to stderr (a warning, a thread's or a finalizer's uncaught exception) goes
+through the same log, so it too is one stamped line.
 """
 
 import logging
 import os
+import sys
+import threading
+
+log = logging.getLogger("dispatcher")
 
 
 class OneLineFormatter(logging.Formatter):
@@ -22,8 +28,23 @@ def log_format() -> str:
     return f"{stamp}%(levelname)s %(name)s: %(message)s"
 
 
-def configure(level: str) -> None:
-    """Log records of `level` and above to stderr, one line each."""
+def configure(level: str | int) -> None:
+    """Log records of `level` and above to stderr, one line each, Python's own reports too."""
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter(log_format()))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_died
+    sys.unraisablehook = _unraisable
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("uncaught exception in thread %s", name, exc_info=args.exc_value)
+
+
+def _unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
+    what = unraisable.err_msg or "Exception ignored in"
+    log.error("%s: %r", what, unraisable.object, exc_info=unraisable.exc_value)

@@ -28,7 +28,7 @@ from typing import TypedDict, Unpack
 
 import orjson
 
-from dispatcher import wire
+from dispatcher import logline, wire
 from dispatcher.compose import RenderedMessage
 from dispatcher.errors import InvalidRequest, TemplateError
 from dispatcher.message import Redirect, render_request
@@ -147,9 +147,11 @@ def _start(
     daemon: int,
     redirect: Redirect | None,
     options: RenderOptions,
+    log_level: int,
 ) -> None:
     global _worker_renderer, _worker_redirect
     _worker_redirect = redirect
+    logline.configure(log_level)  # its stderr is the daemon's: one line per record too
     for signum in (signal.SIGINT, signal.SIGTERM):  # the group's signals are the daemon's
         signal.signal(signum, signal.SIG_IGN)
     # A runaway render fails with MemoryError here, instead of growing until the OOM killer
@@ -273,6 +275,7 @@ class RenderPool:
                     os.getpid(),
                     self.redirect,
                     self.options,
+                    logging.getLogger().getEffectiveLevel(),
                 ),
             )
         return self.pool

@@ -155,3 +155,24 @@ def test_a_workers_start_up_is_kept_out_of_later_full_collections() -> None:
         assert pool._pool().submit(gc.get_freeze_count).result(timeout=60) > 1000
     finally:
         pool.close()
+
+
+def _reports_through_the_log() -> bool:
+    """In a worker: whether a warning and an uncaught exception of Python's would be logged."""
+    import sys
+    import threading
+
+    from dispatcher import logline
+
+    return threading.excepthook is logline._thread_died and sys.unraisablehook is (
+        logline._unraisable
+    )
+
+
+def test_a_worker_logs_as_the_daemon_does() -> None:
+    """The worker writes to the daemon's stderr: what Python reports there is one line too."""
+    pool = RenderPool(ROOT / "templates", "Example <noreply@example.com>", 1)
+    try:
+        assert pool._pool().submit(_reports_through_the_log).result(timeout=60)
+    finally:
+        pool.close()
