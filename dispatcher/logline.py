@@ -2,9 +2,9 @@
 
 journald, `grep` and log shippers take each line for an event of its own, so a record that
 spans lines (a relay's multi-line reply, a traceback) would split into entries without its
-level or logger. Its line breaks are written as the two characters `\\n` instead. What Python
-itself would print to stderr (a warning, a thread's or a finalizer's uncaught exception) goes
-through the same log, so it too is one stamped line.
+level or logger. Unless stderr is a terminal (`dispatcher dev` in front of a developer), its
+line breaks are written as the two characters `\\n` instead. What Python itself would print to
+stderr (a warning, a thread's or a finalizer's uncaught exception) goes through the same log.
 """
 
 import logging
@@ -29,9 +29,11 @@ def log_format() -> str:
 
 
 def configure(level: str | int) -> None:
-    """Log records of `level` and above to stderr, one line each, Python's own reports too."""
+    """Log records of `level` and above to stderr, Python's own reports too: one line each,
+    unless a person reads them in a terminal."""
     handler = logging.StreamHandler()
-    handler.setFormatter(OneLineFormatter(log_format()))
+    one_line = not (sys.stderr and sys.stderr.isatty())
+    handler.setFormatter((OneLineFormatter if one_line else logging.Formatter)(log_format()))
     logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)
     threading.excepthook = _thread_died

@@ -1,6 +1,9 @@
 """The daemon's log: one line per event, with what an operator greps for; journald-friendly."""
 
+import contextlib
 import logging
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -141,3 +144,42 @@ def test_what_python_itself_reports_is_one_stamped_line_each() -> None:
     assert thread.endswith("RuntimeError: in a thread")
     assert " ERROR dispatcher: Exception ignored in: <function Broken.__del__" in finalizer
     assert finalizer.endswith("ValueError: in a finalizer")
+
+
+A_THREAD_FAILS = """
+import threading
+from dispatcher import logline
+
+logline.configure("INFO")
+
+def fail():
+    raise RuntimeError("in a thread")
+
+thread = threading.Thread(target=fail, name="helper")
+thread.start()
+thread.join()
+"""
+
+
+def test_in_a_terminal_a_traceback_keeps_its_lines() -> None:
+    """`dispatcher dev` in front of a developer: a traceback reads best as Python prints it."""
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", A_THREAD_FAILS],
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+            timeout=60,
+        )
+    finally:
+        os.close(terminal)
+    output = b""
+    with contextlib.suppress(OSError):  # EIO once everything written was read
+        while chunk := os.read(controller, 4096):
+            output += chunk
+    os.close(controller)
+    assert done.returncode == 0
+    lines = output.decode().splitlines()
+    assert STAMPED.match(lines[0]) and lines[0].endswith("uncaught exception in thread helper")
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "RuntimeError: in a thread"
