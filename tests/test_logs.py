@@ -105,47 +105,6 @@ def test_the_default_level_is_info(
     assert not any(" DEBUG " in line for line in daemon.lines)
 
 
-PYTHON_REPORTS = """
-import gc, threading, warnings
-from dispatcher import logline
-
-logline.configure("INFO")
-warnings.warn("careful\\nnow")
-
-def fail():
-    raise RuntimeError("in a thread")
-
-thread = threading.Thread(target=fail, name="helper")
-thread.start()
-thread.join()
-
-class Broken:
-    def __del__(self):
-        raise ValueError("in a finalizer")
-
-Broken()
-gc.collect()
-"""
-
-
-def test_what_python_itself_reports_is_one_stamped_line_each() -> None:
-    """A warning, a thread's uncaught exception, an exception in a finalizer: Python prints
-    each over several lines of stderr unless the daemon's logging takes them."""
-    done = subprocess.run(
-        [sys.executable, "-c", PYTHON_REPORTS], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stderr.splitlines()
-    assert [line for line in lines if not STAMPED.match(line)] == [], done.stderr
-    assert len(lines) == 3, done.stderr
-    warning, thread, finalizer = lines
-    assert " WARNING py.warnings: " in warning and "UserWarning: careful\\nnow" in warning
-    assert " ERROR dispatcher: uncaught exception in thread helper\\nTraceback " in thread
-    assert thread.endswith("RuntimeError: in a thread")
-    assert " ERROR dispatcher: Exception ignored in: <function Broken.__del__" in finalizer
-    assert finalizer.endswith("ValueError: in a finalizer")
-
-
 A_THREAD_FAILS = """
 import threading
 from dispatcher import logline
@@ -159,6 +118,39 @@ thread = threading.Thread(target=fail, name="helper")
 thread.start()
 thread.join()
 """
+PYTHON_REPORTS = (
+    A_THREAD_FAILS
+    + """
+import gc, warnings
+
+warnings.warn("careful\\nnow")
+
+class Broken:
+    def __del__(self):
+        raise ValueError("in a finalizer")
+
+Broken()
+gc.collect()
+"""
+)
+
+
+def test_what_python_itself_reports_is_one_stamped_line_each() -> None:
+    """A warning, a thread's uncaught exception, an exception in a finalizer: Python prints
+    each over several lines of stderr unless the daemon's logging takes them."""
+    done = subprocess.run(
+        [sys.executable, "-c", PYTHON_REPORTS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if not STAMPED.match(line)] == [], done.stderr
+    assert len(lines) == 3, done.stderr
+    thread, warning, finalizer = lines
+    assert " WARNING py.warnings: " in warning and "UserWarning: careful\\nnow" in warning
+    assert " ERROR dispatcher: uncaught exception in thread helper\\nTraceback " in thread
+    assert thread.endswith("RuntimeError: in a thread")
+    assert " ERROR dispatcher: Exception ignored in: <function Broken.__del__" in finalizer
+    assert finalizer.endswith("ValueError: in a finalizer")
 
 
 def test_in_a_terminal_a_traceback_keeps_its_lines() -> None:
