@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -14,6 +15,8 @@ import dispatcher
 from dispatcher.renderpool import RenderPool
 from tests.daemon import ROOT, DaemonProcess, write_settings
 from tests.smtp_server import SmtpServer
+
+T = TypeVar("T")
 
 StartDaemon = Callable[..., DaemonProcess]
 ADA = {"name": "Ada", "activate_url": "https://example.com/a"}
@@ -150,15 +153,11 @@ def test_a_signal_to_the_whole_process_group_stops_the_daemon_cleanly(
 def test_a_workers_start_up_is_kept_out_of_later_full_collections() -> None:
     """What a worker loaded before its first render is frozen: a full collection in the
     middle of a batch scans only what rendering made, not every module."""
-    pool = RenderPool(ROOT / "templates", "Example <noreply@example.com>", 1)
-    try:
-        assert pool._pool().submit(gc.get_freeze_count).result(timeout=60) > 1000
-    finally:
-        pool.close()
+    assert in_a_worker(gc.get_freeze_count) > 1000
 
 
 def _reports_through_the_log() -> bool:
-    """In a worker: whether a warning and an uncaught exception of Python's would be logged."""
+    """In a worker: whether an uncaught exception of a thread or of a finalizer is logged."""
     import sys
     import threading
 
@@ -171,8 +170,13 @@ def _reports_through_the_log() -> bool:
 
 def test_a_worker_logs_as_the_daemon_does() -> None:
     """The worker writes to the daemon's stderr: what Python reports there is one line too."""
+    assert in_a_worker(_reports_through_the_log)
+
+
+def in_a_worker(call: Callable[[], T]) -> T:
+    """`call()`'s result in a real render worker, as the daemon starts it."""
     pool = RenderPool(ROOT / "templates", "Example <noreply@example.com>", 1)
     try:
-        assert pool._pool().submit(_reports_through_the_log).result(timeout=60)
+        return pool._pool().submit(call).result(timeout=60)
     finally:
         pool.close()
