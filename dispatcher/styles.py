@@ -212,9 +212,9 @@ class Inliner:
 def cut(page: str, inlined: str, count: int) -> Shape | None:
     """`inlined` (`page` inlined) cut at its `count` holes; None where a hole is not plain text
     or an attribute value no selector of the page reads."""
-    css = "".join(_STYLE_BLOCK.findall(page))
     if _AFTER_REFERENCE.search(page) or not _holes_quoted(page):
         return None
+    css = "".join(_STYLE_BLOCK.findall(page))
     selectors = "".join(
         prelude
         for prelude in _RULE_PRELUDE.findall(_CSS_COMMENT.sub("", css))
